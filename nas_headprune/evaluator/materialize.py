@@ -1,0 +1,108 @@
+"""Surgery: physically slice a model to a head-balanced selection.
+
+The coupling graph of the space says which parameter slices belong to each dimension; this module
+walks it to gather the kept rows/columns, then asks each layer's adapter to build the smaller module
+around them. The input model is never modified: the result is a new model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from nas_headprune.errors import ArchitectureError
+from nas_headprune.space import HeadSpace, Selection
+
+log = logging.getLogger(__name__)
+
+META_ATTR = "nas_headprune_meta"
+BASE_ATTR = "nas_headprune_base"
+
+
+def _flat_indices(idx: torch.Tensor, offset: int, head_stride: int) -> torch.Tensor:
+    """Positions of the kept channels along one axis of a parameter."""
+    if idx.dim() == 1:  # MLP hidden units
+        return idx + offset
+    heads = idx.shape[0]
+    base = torch.arange(heads).unsqueeze(1) * head_stride  # (H, 1)
+    return (base + idx + offset).reshape(-1)  # (H*w,) in (h, w) order
+
+
+def slice_parameters(
+    space: HeadSpace, module_params: Mapping[str, Mapping[str, torch.Tensor]], selection: Selection
+) -> dict[str, dict[str, torch.Tensor]]:
+    """For every layer, the sliced tensors of the parameters its dimensions reach.
+
+    ``module_params`` maps a layer label to its parameters by local name. Returns
+    ``{layer: {local param name: sliced tensor}}``. Slots on the same axis of one parameter are
+    concatenated in offset order (q, k, v rows of ``qkv``).
+    """
+    graph = space.coupling_graph()
+    gathered: dict[str, dict[tuple[str, int], list[tuple[int, torch.Tensor]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for label in space.dims:
+        idx = selection[label]
+        for node in graph.successors(label):
+            slot = graph.nodes[node]
+            flat = _flat_indices(idx, slot["offset"], slot["head_stride"])
+            gathered[slot["layer"]][(slot["local"], slot["axis"])].append((slot["offset"], flat))
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for layer, per_param in gathered.items():
+        params = module_params[layer]
+        sliced: dict[str, torch.Tensor] = {}
+        for (local, axis), parts in per_param.items():
+            if local in sliced:
+                raise ArchitectureError(f"{layer}.{local}: channels coupled along two axes")
+            parts.sort(key=lambda p: p[0])
+            index = torch.cat([p[1] for p in parts]).to(params[local].device)
+            sliced[local] = params[local].detach().index_select(axis, index).clone()
+        out[layer] = sliced
+    return out
+
+
+def materialize(model: nn.Module, space: HeadSpace, selection: Selection | Mapping[str, Any]) -> nn.Module:
+    """A new, physically smaller copy of ``model`` keeping exactly the selected channels.
+
+    ``selection`` may be a :class:`Selection` or raw per-head index lists; it is checked against
+    ``space`` (unbalanced heads, out-of-range indices and unknown labels raise
+    :class:`~nas_headprune.errors.ArchitectureError`).
+    """
+    if isinstance(selection, Selection):
+        selection = space.selection({k: v for k, v in selection.items()})
+    else:
+        selection = space.selection(selection)
+    modules = dict(model.named_modules())
+    missing = [name for name in space.layers if name not in modules]
+    if missing:
+        raise ArchitectureError(f"model has no module {missing[0]!r}: was the space built from it?")
+    params = {name: dict(modules[name].named_parameters()) for name in space.layers}
+    sliced = slice_parameters(space, params, selection)
+    arch = selection.architecture()
+
+    new = copy.deepcopy(model)
+    for name, layer in space.layers.items():
+        old = new.get_submodule(name)
+        widths = arch.layer_widths(name)
+        replacement = layer.adapter.build_pruned(old, layer, widths, sliced[name])
+        replacement.train(old.training)
+        new.set_submodule(name, replacement)
+    base_meta = getattr(model, META_ATTR, None) or {}
+    setattr(
+        new,
+        META_ATTR,
+        {
+            "architecture": arch.to_dict(),
+            "input_size": list(space.input_size),
+            "skipped": dict(space.skipped),
+            "base": base_meta.get("base", getattr(model, BASE_ATTR, None)),
+        },
+    )
+    log.debug("materialised %d layers", len(space.layers))
+    return new

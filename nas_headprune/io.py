@@ -1,0 +1,147 @@
+"""Save and load pruned models: architecture as JSON, weights as safetensors (never pickle).
+
+A saved model is a folder with ``pruned.json`` (format tag, base model name and constructor
+arguments, input size, architecture) and ``model.safetensors``. Loading rebuilds the base model by
+name, prunes it to the architecture and loads the weights, so nothing in the folder can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from nas_headprune.errors import ArchitectureError, CheckpointError, UsageError
+
+FORMAT = "nas-headprune/pruned-model"
+FORMAT_VERSION = 1
+ARCH_FILE = "pruned.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _replace_atomically(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pruned(model: nn.Module, directory: str | os.PathLike, base: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (a result of :func:`~nas_headprune.materialize`) to ``directory``.
+
+    ``base`` (``{"name": ..., "kwargs": {...}}``) is taken from the model when it was built with
+    :func:`nas_headprune.models.factory.create_model`; pass it for models built another way.
+    """
+    from safetensors.torch import save_file
+
+    from nas_headprune import __version__
+    from nas_headprune.evaluator.materialize import META_ATTR
+    from nas_headprune.models.factory import BASE_ATTR
+
+    meta = getattr(model, META_ATTR, None)
+    if meta is None:
+        raise UsageError("save_pruned needs a model returned by materialize() (no pruning record found)")
+    base = base or meta.get("base") or getattr(model, BASE_ATTR, None)
+    if not base or "name" not in base:
+        raise UsageError(
+            "save_pruned cannot tell how to rebuild the base model: create it with "
+            "nas_headprune.models.factory.create_model(name, **kwargs) or pass base={'name':..., 'kwargs':...}"
+        )
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "nas_headprune_version": __version__,
+        "base": {"name": base["name"], "kwargs": base.get("kwargs", {})},
+        "input_size": meta["input_size"],
+        "skip_unsupported": bool(meta.get("skipped")),
+        "architecture": meta["architecture"],
+    }
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    _replace_atomically(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    _replace_atomically(
+        out / ARCH_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
+    )
+    return out
+
+
+def read_record(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / ARCH_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a saved pruned model: {ARCH_FILE} is missing")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a nas-headprune pruned model (format tag missing)")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {record.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+        )
+    for key in ("base", "input_size", "architecture"):
+        if key not in record:
+            raise CheckpointError(f"{path} lacks the field {key!r}")
+    return record
+
+
+def load_pruned(directory: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_pruned`; the round trip is bit-exact."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from nas_headprune.evaluator.materialize import materialize
+    from nas_headprune.models.factory import create_model
+    from nas_headprune.space import build_space
+
+    record = read_record(directory)
+    base = record["base"]
+    try:
+        model = create_model(base["name"], **base.get("kwargs", {}))
+    except (TypeError, UsageError) as exc:
+        raise CheckpointError(f"cannot rebuild base model {base['name']!r} from {directory}: {exc}") from exc
+    space = build_space(model, tuple(record["input_size"]), skip_unsupported=record.get("skip_unsupported", False))
+    try:
+        selection = space.first_channels(record["architecture"])
+    except ArchitectureError as exc:
+        raise CheckpointError(
+            f"architecture in {Path(directory) / ARCH_FILE} does not fit model {base['name']!r}: {exc}"
+        ) from exc
+    pruned = materialize(model, space, selection)
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        tensors = load_file(str(path), device=map_location)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    expected = pruned.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+        if wrong:
+            parts.append(f"shape mismatch {wrong[:3]}")
+        raise CheckpointError(f"{path} does not match architecture in {ARCH_FILE}: " + "; ".join(parts))
+    pruned.load_state_dict(tensors, strict=True)
+    return pruned.to(map_location)

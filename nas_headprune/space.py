@@ -1,0 +1,660 @@
+"""Head-balanced search spaces.
+
+A model's search space is a set of prunable layers. Each layer has one or more *dimensions*, and
+every dimension has a stable label, ``"<module path>:<kind>"``:
+
+* an attention layer has ``:qk`` (query/key channels per head) and ``:v`` (value channels per head);
+* an MLP layer has ``:hidden`` (hidden units).
+
+An :class:`Architecture` is a flat mapping ``{dimension label: width}``. For attention the width is
+the per-head width, shared by every head of the layer, so head balance is a property of the type:
+there is no way to write an unbalanced architecture. A :class:`Selection` goes one step further and
+names the kept channel indices: per head for attention (a ``(H, width)`` index tensor, so each head
+keeps its own channels but all keep the same number) and a ``(width,)`` vector for MLPs.
+
+Spaces are built by :func:`build_space`, which asks the registered space adapters (entry point group
+``nas_headprune.spaces``) which modules they can prune.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from nas_headprune.errors import ArchitectureError, UnsupportedLayerError
+
+if TYPE_CHECKING:
+    import networkx as nx
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+ATTENTION_KINDS = ("qk", "v")
+MLP_KINDS = ("hidden",)
+
+
+def dim_label(layer: str, kind: str) -> str:
+    """The stable label of one dimension: ``"<module path>:<kind>"``."""
+    return f"{layer}:{kind}"
+
+
+def split_label(label: str) -> tuple[str, str]:
+    layer, sep, kind = label.rpartition(":")
+    if not sep:
+        raise ArchitectureError(f"{label!r} is not a dimension label (expected '<module path>:<kind>')")
+    return layer, kind
+
+
+@dataclass(frozen=True)
+class DimSpec:
+    """One searchable width.
+
+    ``heads`` is the number of heads that share the width (1 for an MLP); ``max_width`` the dense
+    per-head width; widths run from ``min_width`` to ``max_width`` in multiples of ``step`` (the dense
+    width is always allowed).
+    """
+
+    label: str
+    kind: str
+    heads: int
+    max_width: int
+    min_width: int = 1
+    step: int = 1
+
+    def allowed(self) -> list[int]:
+        values = [w for w in range(self.min_width, self.max_width + 1) if w % self.step == 0]
+        if self.max_width not in values:
+            values.append(self.max_width)
+        return values
+
+    def check(self, width: object) -> int:
+        if isinstance(width, bool) or not isinstance(width, int):
+            raise ArchitectureError(f"{self.label}: width must be an integer, got {width!r}")
+        if not self.min_width <= width <= self.max_width:
+            raise ArchitectureError(
+                f"{self.label} = {width} is outside the allowed range "
+                f"[{self.min_width}, {self.max_width}] (per-head width, step {self.step})"
+            )
+        if width % self.step and width != self.max_width:
+            raise ArchitectureError(
+                f"{self.label} = {width} is not a multiple of the width step {self.step}"
+            )
+        return width
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a dimension's channels live in one parameter tensor.
+
+    Channel ``j`` of head ``h`` sits at index ``offset + h * head_stride + j`` along axis ``axis``
+    of the parameter ``param`` (a name relative to the layer module). ``head_stride = 0`` means every
+    head shares that tensor slice (one kernel per channel shared by all heads); the pruned tensor then
+    holds one entry per kept (head, channel).
+    """
+
+    param: str
+    axis: int
+    offset: int
+    head_stride: int
+
+
+@dataclass(frozen=True)
+class LayerSpace:
+    """A prunable layer: its dimensions, its static shape facts and the adapter that owns it."""
+
+    label: str
+    family: str
+    kind: str  # "attention" or "mlp"
+    dims: dict[str, DimSpec]
+    meta: dict[str, Any]
+    adapter: SpaceAdapter = field(repr=False, compare=False)
+
+    def dense_widths(self) -> dict[str, int]:
+        return {k: d.max_width for k, d in self.dims.items()}
+
+    def macs(self, widths: Mapping[str, Any]) -> Any:
+        """Per-image MACs of this layer at ``widths`` (ints, floats or tensors)."""
+        return self.adapter.macs(self, widths)
+
+    def params(self, widths: Mapping[str, Any]) -> Any:
+        return self.adapter.params(self, widths)
+
+
+class Architecture(Mapping[str, int]):
+    """An immutable flat mapping ``{dimension label: width}``; compares and hashes by value."""
+
+    __slots__ = ("_widths",)
+
+    def __init__(self, widths: Mapping[str, int]) -> None:
+        self._widths = dict(sorted(widths.items()))
+
+    def __getitem__(self, key: str) -> int:
+        return self._widths[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._widths)
+
+    def __len__(self) -> int:
+        return len(self._widths)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return dict(self._widths) == dict(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._widths.items()))
+
+    def __repr__(self) -> str:
+        return f"Architecture({self._widths!r})"
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self._widths)
+
+    def layer_widths(self, layer: str) -> dict[str, int]:
+        prefix = layer + ":"
+        return {k[len(prefix) :]: v for k, v in self._widths.items() if k.startswith(prefix)}
+
+    def diff(self, other: Mapping[str, int]) -> dict[str, tuple[int | None, int | None]]:
+        """Labels whose widths differ: ``{label: (self, other)}``."""
+        keys = set(self) | set(other)
+        return {
+            k: (self.get(k), other.get(k)) for k in sorted(keys) if self.get(k) != other.get(k)
+        }
+
+
+class Selection(Mapping[str, "torch.Tensor"]):
+    """Kept channel indices per dimension label.
+
+    Attention dimensions map to a long tensor ``(H, width)`` (row h: the channels head h keeps,
+    sorted, distinct); MLP dimensions to a long tensor ``(width,)``. Use :meth:`HeadSpace.selection`
+    or :meth:`HeadSpace.selection_from_masks` to build one that is checked against its space.
+    """
+
+    __slots__ = ("_idx",)
+
+    def __init__(self, indices: Mapping[str, torch.Tensor]) -> None:
+        self._idx = dict(sorted(indices.items()))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._idx[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._idx)
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+    def architecture(self) -> Architecture:
+        return Architecture({k: int(v.shape[-1]) for k, v in self._idx.items()})
+
+    def to_lists(self) -> dict[str, list]:
+        return {k: v.tolist() for k, v in self._idx.items()}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Selection):
+            return NotImplemented
+        import torch
+
+        return self._idx.keys() == other._idx.keys() and all(
+            torch.equal(self._idx[k], other._idx[k]) for k in self._idx
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class SpaceAdapter(ABC):
+    """Knows one family of prunable modules: how to describe, mask, couple and slice them.
+
+    Adapters are found through the entry point group ``nas_headprune.spaces``. An adapter claims
+    modules by type; for a claimed module, :meth:`check` returns ``None`` when the module can be
+    pruned exactly, or a reason when it cannot (the layer is then refused or, on request, skipped).
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str]  # "attention" or "mlp"
+
+    @abstractmethod
+    def claims(self, module: nn.Module) -> bool:
+        """True when ``module`` belongs to this adapter's family."""
+
+    def check(self, module: nn.Module) -> str | None:
+        """``None`` when the module is safe to prune, else why it is not."""
+        return None
+
+    @abstractmethod
+    def input_dim(self, module: nn.Module) -> int:
+        """Channels of the module's input (to turn the traced input into a token count)."""
+
+    @abstractmethod
+    def describe(self, label: str, module: nn.Module, tokens: int) -> LayerSpace:
+        """The layer's dimensions and static facts; ``tokens`` is the per-image token count seen."""
+
+    @abstractmethod
+    def coupling(self, layer: LayerSpace) -> dict[str, list[Slot]]:
+        """For each dimension kind, the parameter slices that hold its channels."""
+
+    @abstractmethod
+    def install_masks(
+        self, module: nn.Module, layer: LayerSpace, masks: MaskSet
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        """Make ``module`` multiply its channels by ``masks[dim label]`` (when present) on forward."""
+
+    def remove_masks(self, module: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Undo anything :meth:`install_masks` set besides hooks."""
+
+    @abstractmethod
+    def build_pruned(
+        self,
+        module: nn.Module,
+        layer: LayerSpace,
+        widths: dict[str, int],
+        params: dict[str, torch.Tensor],
+    ) -> nn.Module:
+        """A new, smaller module holding ``params`` (sliced tensors, by local name)."""
+
+    @abstractmethod
+    def macs(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
+        """Per-image MACs at ``widths``; must work for floats and tensors (differentiable)."""
+
+    @abstractmethod
+    def params(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
+        """Parameter count at ``widths``."""
+
+
+class MaskSet(dict):
+    """``{dimension label: mask tensor}``, read by the installed hooks at every forward.
+
+    Attention masks are ``(H, d)``; MLP masks ``(m,)``. Values may be hard (0/1) or soft, and may
+    require grad. A label that is absent is not masked. Update entries in place between steps.
+    """
+
+
+@dataclass
+class HeadSpace:
+    """The search space of one model: its prunable layers in module order."""
+
+    layers: dict[str, LayerSpace]
+    input_size: tuple[int, ...]
+    fixed_macs: int
+    fixed_params: int
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- dimensions
+    @property
+    def dims(self) -> dict[str, DimSpec]:
+        return {d.label: d for layer in self.layers.values() for d in layer.dims.values()}
+
+    def dense(self) -> Architecture:
+        return Architecture({label: d.max_width for label, d in self.dims.items()})
+
+    def layer_of(self, label: str) -> LayerSpace:
+        layer, _ = split_label(label)
+        if layer not in self.layers:
+            raise ArchitectureError(self._unknown(label))
+        return self.layers[layer]
+
+    def _unknown(self, label: str) -> str:
+        known = list(self.dims)
+        shown = ", ".join(known[:6]) + (f", ... ({len(known)} in all)" if len(known) > 6 else "")
+        return f"unknown layer label {label!r}; this space has: {shown}"
+
+    def with_step(self, step: int, min_width: int | None = None) -> HeadSpace:
+        """A copy whose attention widths are rounded to ``step`` (e.g. 8 for GPU speed)."""
+        if step < 1:
+            raise ArchitectureError(f"width step must be >= 1, got {step}")
+        layers = {}
+        for name, layer in self.layers.items():
+            dims = {}
+            for k, d in layer.dims.items():
+                lo = max(min_width or d.min_width, 1)
+                dims[k] = DimSpec(d.label, d.kind, d.heads, d.max_width, min(lo, d.max_width), step)
+            layers[name] = LayerSpace(
+                layer.label, layer.family, layer.kind, dims, layer.meta, layer.adapter
+            )
+        return HeadSpace(layers, self.input_size, self.fixed_macs, self.fixed_params, self.skipped)
+
+    # --------------------------------------------------------------- architecture
+    def validate(self, arch: Mapping[str, object]) -> Architecture:
+        """Check every label and width; return the architecture as an :class:`Architecture`.
+
+        Raises :class:`ArchitectureError` naming the layer, the value and the allowed range.
+        """
+        dims = self.dims
+        for label in arch:
+            if label not in dims:
+                raise ArchitectureError(self._unknown(label))
+        missing = [label for label in dims if label not in arch]
+        if missing:
+            raise ArchitectureError(
+                f"architecture is missing {len(missing)} dimension(s), first: {missing[0]!r}"
+            )
+        return Architecture({label: dims[label].check(arch[label]) for label in dims})
+
+    def sample(self, rng: random.Random | int | None = None) -> Architecture:
+        """A uniformly random architecture (each width drawn from its allowed values)."""
+        if not isinstance(rng, random.Random):
+            rng = random.Random(rng)
+        return Architecture({label: rng.choice(d.allowed()) for label, d in self.dims.items()})
+
+    # ------------------------------------------------------------------ selection
+    def selection(self, indices: Mapping[str, Any]) -> Selection:
+        """Build and check a selection from per-head index lists or tensors.
+
+        Attention entries are ``H`` lists (or an ``(H, w)`` tensor) of channel indices; each head
+        must keep the same number of distinct, in-range channels. MLP entries are one list.
+        """
+        import torch
+
+        dims = self.dims
+        out: dict[str, torch.Tensor] = {}
+        for label in indices:
+            if label not in dims:
+                raise ArchitectureError(self._unknown(label))
+        for label, d in dims.items():
+            if label not in indices:
+                raise ArchitectureError(f"selection is missing dimension {label!r}")
+            raw = indices[label]
+            if d.heads == 1 and self.layer_of(label).kind == "mlp":
+                rows = [raw.tolist() if isinstance(raw, torch.Tensor) else list(raw)]
+            else:
+                rows = raw.tolist() if isinstance(raw, torch.Tensor) else [list(r) for r in raw]
+                if len(rows) != d.heads:
+                    raise ArchitectureError(
+                        f"{label}: selection has {len(rows)} head rows, the layer has {d.heads} heads"
+                    )
+            counts = {len(r) for r in rows}
+            if len(counts) != 1:
+                per_head = ", ".join(f"head {h}: {len(r)}" for h, r in enumerate(rows))
+                raise ArchitectureError(
+                    f"{label}: unbalanced selection ({per_head}); every head of a layer must keep "
+                    f"the same number of channels"
+                )
+            width = counts.pop()
+            d.check(width)
+            for h, r in enumerate(rows):
+                bad = [i for i in r if not (isinstance(i, int) and 0 <= i < d.max_width)]
+                if bad:
+                    raise ArchitectureError(
+                        f"{label}: head {h} index {bad[0]!r} is outside [0, {d.max_width - 1}]"
+                    )
+                if len(set(r)) != len(r):
+                    raise ArchitectureError(f"{label}: head {h} repeats a channel index")
+            t = torch.tensor([sorted(r) for r in rows], dtype=torch.long)
+            out[label] = t[0] if self.layer_of(label).kind == "mlp" else t
+        return Selection(out)
+
+    def first_channels(self, arch: Mapping[str, int]) -> Selection:
+        """The selection that keeps the first ``width`` channels of every head (for rebuilding)."""
+        import torch
+
+        arch = self.validate(arch)
+        out = {}
+        for label, d in self.dims.items():
+            idx = torch.arange(arch[label])
+            out[label] = idx if self.layer_of(label).kind == "mlp" else idx.repeat(d.heads, 1)
+        return Selection(out)
+
+    def selection_from_scores(
+        self, scores: Mapping[str, torch.Tensor], arch: Mapping[str, int]
+    ) -> Selection:
+        """Each head keeps its top-``width`` channels by score (ties broken by lower index)."""
+        import torch
+
+        arch = self.validate(arch)
+        out = {}
+        for label, d in self.dims.items():
+            s = scores[label].detach().float()
+            kind = self.layer_of(label).kind
+            s2 = s.reshape(1, -1) if kind == "mlp" else s.reshape(d.heads, d.max_width)
+            # stable top-k: sort by (-score, index)
+            order = torch.sort(-s2, dim=1, stable=True).indices[:, : arch[label]]  # (H, w)
+            kept = torch.sort(order, dim=1).values
+            out[label] = kept[0] if kind == "mlp" else kept
+        return Selection(out)
+
+    def selection_from_masks(self, masks: Mapping[str, torch.Tensor]) -> Selection:
+        """Hard 0/1 masks to a selection; raises on an unbalanced layer."""
+        rows: dict[str, Any] = {}
+        for label, d in self.dims.items():
+            if label not in masks:
+                raise ArchitectureError(f"masks are missing dimension {label!r}")
+            m = masks[label].detach()
+            if self.layer_of(label).kind == "mlp":
+                rows[label] = m.reshape(-1).nonzero().flatten().tolist()
+            else:
+                m = m.reshape(d.heads, d.max_width)
+                rows[label] = [m[h].nonzero().flatten().tolist() for h in range(d.heads)]
+        return self.selection(rows)
+
+    def masks_from_selection(self, selection: Selection) -> MaskSet:
+        import torch
+
+        out = MaskSet()
+        for label, d in self.dims.items():
+            idx = selection[label]
+            if self.layer_of(label).kind == "mlp":
+                m = torch.zeros(d.max_width)
+                m[idx] = 1.0
+            else:
+                m = torch.zeros(d.heads, d.max_width)
+                m.scatter_(1, idx, 1.0)
+            out[label] = m
+        return out
+
+    # ----------------------------------------------------------------- coupling
+    def coupling_graph(self) -> nx.DiGraph:
+        """Which tensors move together: dimension nodes point to the parameter slices they own.
+
+        Nodes: dimension labels (``kind="dim"``) and slots ``(layer, param, axis, offset)``
+        (``kind="slot"``, with ``param`` the full parameter name, ``axis``, ``offset``,
+        ``head_stride``). A ``qk`` dimension reaches the q and k rows of ``qkv``; a ``v`` dimension
+        the v rows of ``qkv`` and the columns of ``proj``; a ``hidden`` dimension the rows of ``fc1``
+        and the columns of ``fc2``. Surgery and channel-norm scoring both walk this graph.
+        """
+        import networkx as nx
+
+        g = nx.DiGraph()
+        for layer in self.layers.values():
+            for kind, slots in layer.adapter.coupling(layer).items():
+                d = layer.dims[kind]
+                g.add_node(d.label, kind="dim", layer=layer.label, heads=d.heads, width=d.max_width)
+                for s in slots:
+                    node = (layer.label, s.param, s.axis, s.offset)
+                    g.add_node(
+                        node,
+                        kind="slot",
+                        layer=layer.label,
+                        param=f"{layer.label}.{s.param}",
+                        local=s.param,
+                        axis=s.axis,
+                        offset=s.offset,
+                        head_stride=s.head_stride,
+                    )
+                    g.add_edge(d.label, node)
+        return g
+
+    # -------------------------------------------------------------------- masks
+    def apply_masks(self, model: nn.Module, masks: MaskSet | None = None) -> MaskHandle:
+        """Install mask hooks on ``model`` (the model this space was built from).
+
+        Returns a handle whose ``masks`` (a :class:`MaskSet`) can be updated between forwards and
+        whose ``remove()`` restores the plain model. Also usable as a context manager.
+        """
+        masks = masks if masks is not None else MaskSet()
+        modules = dict(model.named_modules())
+        handles = []
+        for label, layer in self.layers.items():
+            if label not in modules:
+                raise ArchitectureError(f"model has no module {label!r}: was the space built from it?")
+            handles.extend(layer.adapter.install_masks(modules[label], layer, masks))
+        return MaskHandle(masks, handles, [(layer.adapter, modules[n]) for n, layer in self.layers.items()])
+
+
+class MaskHandle:
+    """Installed mask hooks; ``remove()`` or leave the ``with`` block to uninstall them."""
+
+    def __init__(self, masks: MaskSet, handles: list, owners: list) -> None:
+        self.masks = masks
+        self._handles = handles
+        self._owners = owners
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for adapter, module in self._owners:
+            adapter.remove_masks(module)
+        self._handles = []
+
+    def __enter__(self) -> MaskHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+# --------------------------------------------------------------------- building
+_GENERIC_NAMES = ("Attention", "Mlp", "MLP")
+
+
+def build_space(
+    model: nn.Module,
+    input_size: tuple[int, ...] | None = None,
+    *,
+    skip_unsupported: bool = False,
+    adapters: list[SpaceAdapter] | None = None,
+    min_width: int = 1,
+    step: int = 1,
+) -> HeadSpace:
+    """Find the prunable layers of ``model`` and describe them as a :class:`HeadSpace`.
+
+    ``input_size`` is ``(C, H, W)``; by default the model's ``pretrained_cfg["input_size"]``. One
+    forward pass at batch 1 records the token count of every layer. A module that an adapter claims
+    but cannot prune exactly (or an attention/MLP-looking module no adapter knows) raises
+    :class:`UnsupportedLayerError` naming it, or, with ``skip_unsupported=True``, is left dense with a
+    warning.
+    """
+    import torch
+
+    from nas_headprune import registry
+
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        input_size = tuple(cfg.get("input_size", ()))
+        if not input_size:
+            raise ArchitectureError("input_size is required: the model has no pretrained_cfg input_size")
+    input_size = tuple(int(v) for v in input_size)
+    adapters = adapters if adapters is not None else registry.space_adapters()
+
+    claimed: dict[str, tuple[SpaceAdapter, nn.Module]] = {}
+    skipped: dict[str, str] = {}
+    refused: list[str] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        owner = next((a for a in adapters if a.claims(module)), None)
+        if owner is None:
+            cls = type(module).__name__
+            if name and any(cls.endswith(g) for g in _GENERIC_NAMES):
+                reason = f"no space adapter knows {cls}"
+                refused.append(f"{name} ({cls}: {reason})")
+                skipped[name] = reason
+                inside.append(name)
+            continue
+        inside.append(name)
+        reason = owner.check(module)
+        if reason is not None:
+            refused.append(f"{name} ({type(module).__name__}: {reason})")
+            skipped[name] = reason
+            continue
+        claimed[name] = (owner, module)
+    if refused and not skip_unsupported:
+        raise UnsupportedLayerError(
+            "cannot prune these layers exactly: "
+            + "; ".join(refused)
+            + ". Pass skip_unsupported=True (CLI: --set space.skip_unsupported=true) to leave them dense."
+        )
+    for item in refused:
+        warnings.warn(f"leaving layer dense: {item}", stacklevel=2)
+        log.warning("leaving layer dense: %s", item)
+
+    # one traced forward: token counts of prunable layers, shapes of every other Linear/Conv
+    tokens: dict[str, int] = {}
+    fixed_macs = 0
+    hooks = []
+    prunable_prefixes = tuple(n + "." for n in claimed)
+
+    def record_tokens(name: str, c_in: int):
+        def hook(mod: nn.Module, args: tuple) -> None:
+            # batch 1, so every token of the image passes here once: (1, N, C), (nW, M, C), (1, H, W, C)
+            tokens[name] = args[0].numel() // c_in
+
+        return hook
+
+    def record_fixed(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        nonlocal fixed_macs
+        fixed_macs += _module_macs(mod, args[0], out)
+
+    for name, module in model.named_modules():
+        if name in claimed:
+            c_in = claimed[name][0].input_dim(module)
+            hooks.append(module.register_forward_pre_hook(record_tokens(name, c_in)))
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)) and not (
+            name.startswith(prunable_prefixes) or any(name.startswith(s + ".") for s in skipped)
+        ):
+            hooks.append(module.register_forward_hook(record_fixed))
+    skipped_macs = 0
+    if skipped:
+        skipped_macs = _measure_submodules(model, input_size, list(skipped))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p = next(model.parameters(), None)
+            x = torch.zeros(1, *input_size, device=p.device if p is not None else "cpu")
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+    layers: dict[str, LayerSpace] = {}
+    prunable_params = 0
+    for name, (adapter, module) in claimed.items():
+        if name not in tokens:
+            raise UnsupportedLayerError(f"layer {name!r} was not called in a forward pass; cannot size it")
+        layer = adapter.describe(name, module, tokens[name])
+        layers[name] = layer
+        prunable_params += sum(p.numel() for p in module.parameters())
+    fixed_params = sum(p.numel() for p in model.parameters()) - prunable_params
+    space = HeadSpace(layers, input_size, fixed_macs + skipped_macs, fixed_params, skipped)
+    if step != 1 or min_width != 1:
+        space = space.with_step(step, min_width)
+    return space
+
+
+def _module_macs(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
+    """MACs of one Linear / Conv call from its shapes (the same quantity FlopCounterMode / 2 gives)."""
+    import torch
+
+    if isinstance(mod, torch.nn.Linear):
+        return out.numel() * mod.in_features
+    k = 1
+    for s in mod.kernel_size:  # type: ignore[union-attr]
+        k *= s
+    return out.numel() * (mod.in_channels // mod.groups) * k  # type: ignore[operator]
+
+
+def _measure_submodules(model: nn.Module, input_size: tuple[int, ...], names: list[str]) -> int:
+    """Per-image MACs spent inside the named (skipped, left dense) submodules, measured."""
+    from nas_headprune.evaluator.measure import measure_macs_by_module
+
+    per = measure_macs_by_module(model, input_size)
+    return sum(per.get(n, 0) for n in names)

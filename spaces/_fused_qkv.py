@@ -1,0 +1,144 @@
+"""Shared pieces of adapters for softmax attention with a fused ``qkv`` projection.
+
+Parameter layout (timm ``Attention`` and ``WindowAttention``, and the pruned modules built here):
+``qkv.weight`` rows are ``(3, H, d)`` -- q, then k, then v -- and ``proj.weight`` columns are
+``(H, d)``. A pruned module keeps ``H`` heads with a query/key width ``d_qk`` and a value width
+``d_v`` that may differ; its ``qkv`` rows are ``[q (H, d_qk), k (H, d_qk), v (H, d_v)]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from nas_headprune.evaluator.cost import softmax_attention_macs
+from nas_headprune.space import DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
+
+
+def head_widths(module: nn.Module) -> tuple[int, int, int]:
+    """``(H, d_qk, d_v)`` of a dense timm module or a pruned one."""
+    heads = module.num_heads
+    d_qk = getattr(module, "head_dim_qk", None)
+    d_v = getattr(module, "head_dim_v", None)
+    if d_qk is None:
+        d_qk = d_v = module.qkv.out_features // (3 * heads)
+    return heads, d_qk, d_v
+
+
+class FusedQkvAdapter(SpaceAdapter):
+    """Common coupling, masks and cost for fused-qkv softmax attention."""
+
+    kind = "attention"
+
+    def input_dim(self, module: nn.Module) -> int:
+        return module.qkv.in_features
+
+    def _meta(self, module: nn.Module, tokens: int, kv_tokens: int) -> dict[str, Any]:
+        heads, d_qk, d_v = head_widths(module)
+        dense_params = (
+            module.qkv.weight.numel()
+            + (module.qkv.bias.numel() if module.qkv.bias is not None else 0)
+            + module.proj.weight.numel()
+            + (module.proj.bias.numel() if module.proj.bias is not None else 0)
+        )
+        return {
+            "attention": "softmax",
+            "tokens": tokens,
+            "kv_tokens": kv_tokens,
+            "embed_dim": module.qkv.in_features,
+            "out_dim": module.proj.out_features,
+            "qkv_bias": module.qkv.bias is not None,
+            "proj_bias": module.proj.bias is not None,
+            # parameters the widths do not touch (e.g. a relative position bias table)
+            "extra_params": sum(p.numel() for p in module.parameters()) - dense_params,
+        }
+
+    def _dims(self, label: str, module: nn.Module) -> dict[str, DimSpec]:
+        heads, d_qk, d_v = head_widths(module)
+        return {
+            "qk": DimSpec(dim_label(label, "qk"), "qk", heads, d_qk),
+            "v": DimSpec(dim_label(label, "v"), "v", heads, d_v),
+        }
+
+    def coupling(self, layer: LayerSpace) -> dict[str, list[Slot]]:
+        heads = layer.dims["qk"].heads
+        d_qk, d_v = layer.dims["qk"].max_width, layer.dims["v"].max_width
+        q0, k0, v0 = 0, heads * d_qk, 2 * heads * d_qk
+        qk = [Slot("qkv.weight", 0, q0, d_qk), Slot("qkv.weight", 0, k0, d_qk)]
+        v = [Slot("qkv.weight", 0, v0, d_v), Slot("proj.weight", 1, 0, d_v)]
+        if layer.meta["qkv_bias"]:
+            qk += [Slot("qkv.bias", 0, q0, d_qk), Slot("qkv.bias", 0, k0, d_qk)]
+            v.append(Slot("qkv.bias", 0, v0, d_v))
+        return {"qk": qk, "v": v}
+
+    def install_masks(
+        self, module: nn.Module, layer: LayerSpace, masks: MaskSet
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        qk_label, v_label = layer.dims["qk"].label, layer.dims["v"].label
+        heads = layer.dims["qk"].heads
+        d_qk, d_v = layer.dims["qk"].max_width, layer.dims["v"].max_width
+
+        def mask_qk(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            m = masks.get(qk_label)
+            if m is None:
+                return None
+            m = m.to(out.dtype).reshape(heads, d_qk)
+            q, k, v = out.split([heads * d_qk, heads * d_qk, heads * d_v], dim=-1)
+            flat = rearrange(m, "h d -> (h d)")  # (H*d_qk,)
+            return torch.cat([q * flat, k * flat, v], dim=-1)
+
+        def mask_v(mod: nn.Module, args: tuple) -> tuple | None:
+            m = masks.get(v_label)
+            if m is None:
+                return None
+            x = args[0]
+            flat = rearrange(m.to(x.dtype).reshape(heads, d_v), "h d -> (h d)")  # (H*d_v,)
+            return (x * flat, *args[1:])
+
+        return [
+            module.qkv.register_forward_hook(mask_qk),
+            module.proj.register_forward_pre_hook(mask_v),
+        ]
+
+    def macs(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
+        m = layer.meta
+        return softmax_attention_macs(
+            m["tokens"], m["kv_tokens"], m["embed_dim"], m["out_dim"], layer.dims["qk"].heads,
+            widths["qk"], widths["v"],
+        )
+
+    def params(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
+        m = layer.meta
+        heads = layer.dims["qk"].heads
+        rows = heads * (2 * widths["qk"] + widths["v"])
+        count = m["embed_dim"] * rows + heads * widths["v"] * m["out_dim"] + m["extra_params"]
+        if m["qkv_bias"]:
+            count = count + rows
+        if m["proj_bias"]:
+            count = count + m["out_dim"]
+        return count
+
+
+def split_qkv(
+    qkv: torch.Tensor, heads: int, d_qk: int, d_v: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, N, H*(2*d_qk+d_v))`` -> q, k ``(B, H, N, d_qk)`` and v ``(B, H, N, d_v)``."""
+    q, k, v = qkv.split([heads * d_qk, heads * d_qk, heads * d_v], dim=-1)
+    q = rearrange(q, "b n (h d) -> b h n d", h=heads)  # (B, H, N, d_qk)
+    k = rearrange(k, "b n (h d) -> b h n d", h=heads)  # (B, H, N, d_qk)
+    v = rearrange(v, "b n (h d) -> b h n d", h=heads)  # (B, H, N, d_v)
+    return q, k, v
+
+
+def new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin

@@ -1,0 +1,204 @@
+"""Space adapters for timm ``VisionTransformer`` blocks: fused-qkv ``Attention`` and ``Mlp``."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import Mlp
+from timm.layers.attention import Attention
+from torch import nn
+
+from nas_headprune.evaluator.cost import mlp_macs
+from nas_headprune.space import DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
+
+from ._fused_qkv import FusedQkvAdapter, head_widths, new_linear, split_qkv
+
+
+class PrunedAttention(nn.Module):
+    """Multi-head self-attention whose heads keep ``head_dim_qk`` query/key channels and
+    ``head_dim_v`` value channels each. The softmax scale is the dense model's ``1/sqrt(d)``, kept
+    on purpose: the pruned model computes exactly what the masked dense model computes."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim_qk: int,
+        head_dim_v: int,
+        scale: float,
+        qkv_bias: bool = False,
+        proj_bias: bool = True,
+        out_dim: int | None = None,
+        fused_attn: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim_qk = head_dim_qk
+        self.head_dim_v = head_dim_v
+        self.scale = scale
+        self.fused_attn = fused_attn
+        self.qkv = nn.Linear(dim, num_heads * (2 * head_dim_qk + head_dim_v), bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(num_heads * head_dim_v, out_dim or dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        q, k, v = split_qkv(self.qkv(x), self.num_heads, self.head_dim_qk, self.head_dim_v)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+                is_causal=is_causal,
+                scale=self.scale,
+            )  # (B, H, N, d_v)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            if is_causal:
+                n = attn.shape[-1]
+                attn = attn + attn.new_full((n, n), float("-inf")).triu_(1)
+            elif attn_mask is not None:
+                if attn_mask.dtype == torch.bool:
+                    attn = attn.masked_fill(~attn_mask, float("-inf"))
+                else:
+                    attn = attn + attn_mask
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v  # (B, H, N, d_v)
+        x = rearrange(x, "b h n d -> b n (h d)")  # (B, N, H*d_v)
+        return self.proj_drop(self.proj(x))
+
+
+class TimmAttentionAdapter(FusedQkvAdapter):
+    """timm ``Attention`` (ViT, DeiT, ...) and the project's ``PrunedAttention``."""
+
+    name = "timm_attention"
+
+    def claims(self, module: nn.Module) -> bool:
+        return type(module) in (Attention, PrunedAttention)
+
+    def check(self, module: nn.Module) -> str | None:
+        if not isinstance(getattr(module, "q_norm", nn.Identity()), nn.Identity):
+            return "qk_norm normalises each head's q/k over its channels, so removing one changes the rest"
+        if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
+            return "scale_norm normalises the attention output over all channels before proj"
+        if getattr(module, "gate", None) is not None:
+            return "gated attention output is not supported"
+        return None
+
+    def describe(self, label: str, module: nn.Module, tokens: int) -> LayerSpace:
+        return LayerSpace(
+            label, self.name, self.kind, self._dims(label, module),
+            self._meta(module, tokens, kv_tokens=tokens), self,
+        )
+
+    def build_pruned(
+        self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]
+    ) -> nn.Module:
+        heads, _, _ = head_widths(module)
+        new = PrunedAttention(
+            dim=module.qkv.in_features,
+            num_heads=heads,
+            head_dim_qk=widths["qk"],
+            head_dim_v=widths["v"],
+            scale=float(module.scale),
+            qkv_bias=module.qkv.bias is not None,
+            proj_bias=module.proj.bias is not None,
+            out_dim=module.proj.out_features,
+            fused_attn=bool(module.fused_attn),
+            attn_drop=module.attn_drop.p,
+            proj_drop=module.proj_drop.p,
+        ).to(device=module.qkv.weight.device, dtype=module.qkv.weight.dtype)
+        new.qkv = new_linear(params["qkv.weight"], params.get("qkv.bias"))
+        new.proj = new_linear(params["proj.weight"], module.proj.bias)
+        new.train(module.training)
+        return new
+
+
+class TimmMlpAdapter(SpaceAdapter):
+    """timm ``Mlp`` (fc1 -> act -> fc2): the hidden units are prunable."""
+
+    name = "timm_mlp"
+    kind = "mlp"
+
+    def claims(self, module: nn.Module) -> bool:
+        return type(module) is Mlp
+
+    def check(self, module: nn.Module) -> str | None:
+        if not isinstance(module.fc1, nn.Linear):
+            return "use_conv Mlp (1x1 convolutions) is not supported"
+        if not isinstance(module.norm, nn.Identity):
+            return "a norm over the hidden units couples them"
+        return None
+
+    def input_dim(self, module: nn.Module) -> int:
+        return module.fc1.in_features
+
+    def describe(self, label: str, module: nn.Module, tokens: int) -> LayerSpace:
+        hidden = module.fc1.out_features
+        dense = sum(p.numel() for p in (module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias) if p is not None)
+        meta = {
+            "tokens": tokens,
+            "in_dim": module.fc1.in_features,
+            "out_dim": module.fc2.out_features,
+            "fc1_bias": module.fc1.bias is not None,
+            "fc2_bias": module.fc2.bias is not None,
+            "extra_params": sum(p.numel() for p in module.parameters()) - dense,
+        }
+        dims = {"hidden": DimSpec(dim_label(label, "hidden"), "hidden", 1, hidden)}
+        return LayerSpace(label, self.name, self.kind, dims, meta, self)
+
+    def coupling(self, layer: LayerSpace) -> dict[str, list[Slot]]:
+        slots = [Slot("fc1.weight", 0, 0, 0), Slot("fc2.weight", 1, 0, 0)]
+        if layer.meta["fc1_bias"]:
+            slots.append(Slot("fc1.bias", 0, 0, 0))
+        return {"hidden": slots}
+
+    def install_masks(
+        self, module: nn.Module, layer: LayerSpace, masks: MaskSet
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        label = layer.dims["hidden"].label
+
+        def mask_hidden(mod: nn.Module, args: tuple) -> tuple | None:
+            m = masks.get(label)
+            if m is None:
+                return None
+            return (args[0] * m.to(args[0].dtype), *args[1:])
+
+        # on fc2's input: after the activation, so it is exact for any activation
+        return [module.fc2.register_forward_pre_hook(mask_hidden)]
+
+    def build_pruned(
+        self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]
+    ) -> nn.Module:
+        fc1, fc2 = module.fc1, module.fc2
+        module.fc1 = module.fc2 = nn.Identity()  # type: ignore[assignment]
+        try:
+            new = copy.deepcopy(module)  # keeps act / dropout settings, without copying the weights
+        finally:
+            module.fc1, module.fc2 = fc1, fc2
+        new.fc1 = new_linear(params["fc1.weight"], params.get("fc1.bias"))
+        new.fc2 = new_linear(params["fc2.weight"], fc2.bias)
+        return new
+
+    def macs(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
+        m = layer.meta
+        return mlp_macs(m["tokens"], m["in_dim"], widths["hidden"], m["out_dim"])
+
+    def params(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
+        m = layer.meta
+        h = widths["hidden"]
+        count = m["in_dim"] * h + h * m["out_dim"] + m["extra_params"]
+        if m["fc1_bias"]:
+            count = count + h
+        if m["fc2_bias"]:
+            count = count + m["out_dim"]
+        return count
