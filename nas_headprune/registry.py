@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from nas_headprune.errors import UnknownNameError, UsageError
+from nas_headprune.errors import ConfigError, UnknownNameError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +94,27 @@ def space_adapters() -> list[Any]:
             continue
         adapters.append(cls())
     return adapters
+
+
+def strategy_class(name: str) -> type:
+    """The strategy class registered as ``name`` (or ``package.module:Class``)."""
+    from nas_headprune.strategy import Strategy
+
+    obj = load_plugin(STRATEGY_GROUP, name)
+    if not (isinstance(obj, type) and issubclass(obj, Strategy)):
+        raise UnknownNameError(f"{name!r} is not a nas_headprune Strategy subclass (got {obj!r})")
+    return obj
+
+
+def make_strategy(name: str, options: dict[str, Any] | None = None) -> Any:
+    """Look up ``name`` and validate ``options`` against its ``Config`` (errors name the field)."""
+    from pydantic import ValidationError
+
+    from nas_headprune.config import validation_message
+
+    cls = strategy_class(name)
+    try:
+        config = cls.Config.model_validate(options or {})
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, prefix="strategy_options", model=cls.Config)) from exc
+    return cls(config)

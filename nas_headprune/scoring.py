@@ -1,0 +1,44 @@
+"""Helpers for scoring strategies: per-channel reductions over the coupled parameter slices."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from nas_headprune.space import HeadSpace
+
+
+def channel_index(heads: int, width: int, offset: int, head_stride: int) -> torch.Tensor:
+    """``(H, d)`` positions of every channel along a slot's axis."""
+    return offset + torch.arange(heads).unsqueeze(1) * head_stride + torch.arange(width)  # (H, d)
+
+
+def reduce_coupled(
+    space: HeadSpace,
+    tensors: Mapping[str, torch.Tensor],
+    fn: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """For every dimension, ``sum over coupled slots of fn(slice).sum()`` per channel.
+
+    ``tensors`` maps full parameter names to tensors (the weights, or e.g. ``|w * grad|``);
+    ``fn`` is applied elementwise before summing over everything but the channel axis. Returns
+    ``(H, d)`` per attention dimension and ``(m,)`` per MLP dimension.
+    """
+    graph = space.coupling_graph()
+    out: dict[str, torch.Tensor] = {}
+    for label, d in space.dims.items():
+        total = torch.zeros(d.heads, d.max_width, dtype=torch.float64)
+        for node in graph.successors(label):
+            slot = graph.nodes[node]
+            t = tensors[slot["param"]].detach()
+            per_pos = fn(t.movedim(slot["axis"], 0).reshape(t.shape[slot["axis"]], -1).double()).sum(1)
+            idx = channel_index(d.heads, d.max_width, slot["offset"], slot["head_stride"])
+            total += per_pos.cpu()[idx]
+        out[label] = total if space.layer_of(label).kind != "mlp" else total[0]
+    return out
+
+
+def parameters_by_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.named_parameters())

@@ -1,0 +1,172 @@
+"""The strategy plugin interface.
+
+Lifecycle of a strategy, as the runner drives it:
+
+1. **Look-up.** The runner finds the class by name in the entry point group
+   ``nas_headprune.strategies`` (or as ``package.module:Class``) and validates the user's options
+   against the class's nested ``Config`` (a pydantic model with ``extra="forbid"``). A typo is an
+   error naming the dotted field before any work starts.
+2. **Construction.** ``Strategy(config)``; keep construction cheap, do no work on data here.
+3. **Search.** ``search(ctx)`` receives a :class:`SearchContext`: the dense model (read-only: do
+   not modify it, work on a copy if you must train), its :class:`~nas_headprune.space.HeadSpace`,
+   the MACs budget, calibration batches, an optional training loader, the seed, the device and a
+   work folder for your own checkpoints. It returns a :class:`SearchResult` whose selection is
+   head-balanced and within budget.
+4. **Validation.** The runner re-checks every result (labels, balance, index ranges, MACs within
+   budget) and raises :class:`~nas_headprune.errors.StrategyError` naming the strategy otherwise.
+5. **Evaluation.** The shared evaluator materialises the selection, reweights, fine-tunes and
+   evaluates: that part is the same for every strategy.
+
+Most pruning methods only need to rank channels: subclass :class:`ScoringStrategy` and implement
+``score(ctx)``; the shared allocator turns the scores into a head-balanced selection that meets the
+budget (uniform ratio across layers, or global allocation by score per MAC).
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from nas_headprune.evaluator.cost import CostReport
+    from nas_headprune.space import HeadSpace, Selection
+
+
+class StrategyConfig(BaseModel):
+    """Base of every strategy's ``Config``: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoringConfig(StrategyConfig):
+    """Options of the shared allocator, inherited by every scoring strategy."""
+
+    allocation: Literal["uniform", "global"] = Field(
+        "global",
+        description="uniform: one keep ratio for every layer; global: remove the channels with the "
+        "lowest score per MAC saved, across layers",
+    )
+    width_step: int = Field(1, ge=1, description="per-head widths are multiples of this (8 suits GPUs)")
+    min_width: int = Field(1, ge=1, description="smallest per-head width / MLP width kept")
+
+
+@dataclass
+class SearchContext:
+    """Everything a strategy may use. Treat ``model`` as read-only."""
+
+    model: nn.Module
+    space: HeadSpace
+    budget: float
+    dense_macs: int
+    calib: list[tuple[torch.Tensor, torch.Tensor]]
+    seed: int = 0
+    device: str = "cpu"
+    train_loader: Iterable | None = None
+    work_dir: Path | None = None
+    progress: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_macs(self) -> float:
+        return self.budget * self.dense_macs
+
+    def cost(self, arch: Mapping[str, Any]) -> CostReport:
+        from nas_headprune.evaluator.cost import analytic_cost
+
+        return analytic_cost(self.space, arch)
+
+    def rng(self, salt: str = "") -> random.Random:
+        return random.Random(f"{self.seed}:{salt}")
+
+    def torch_generator(self, salt: str = "") -> torch.Generator:
+        import torch
+
+        return torch.Generator().manual_seed(self.rng(salt).getrandbits(62))
+
+
+@dataclass
+class SearchResult:
+    """A head-balanced selection plus whatever the strategy wants recorded (JSON-able ``info``).
+
+    ``scales`` (optional): per dimension label, reweight scales ``(H, d)`` over the dense channels to
+    fold into the pruned weights at materialisation (used by similarity_indicator).
+    ``reported_macs`` (optional): the MACs the result really costs when it differs from the
+    analytic cost of its architecture (e.g. padding of unbalanced heads).
+    """
+
+    selection: Selection | Mapping[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    scales: dict[str, torch.Tensor] | None = None
+    reported_macs: float | None = None
+
+
+class Strategy(ABC):
+    """A pruning search strategy. See the module docstring for the lifecycle."""
+
+    #: short description shown by ``nas-headprune strategies``
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+
+    def __init__(self, config: StrategyConfig | Mapping[str, Any] | None = None) -> None:
+        if config is None:
+            config = self.Config()
+        elif not isinstance(config, self.Config):
+            config = self.Config.model_validate(dict(config))
+        self.config = config
+
+    @abstractmethod
+    def search(self, ctx: SearchContext) -> SearchResult:
+        """Return a head-balanced selection of ``ctx.space`` costing at most ``ctx.target_macs``."""
+
+
+class ScoringStrategy(Strategy):
+    """A strategy that only scores channels; the shared allocator does the rest."""
+
+    Config: ClassVar[type[StrategyConfig]] = ScoringConfig
+
+    @abstractmethod
+    def score(self, ctx: SearchContext) -> dict[str, torch.Tensor]:
+        """Per dimension label, a score per channel: ``(H, d)`` for attention, ``(m,)`` for MLPs.
+        Higher means more important."""
+
+    def search(self, ctx: SearchContext) -> SearchResult:
+        from nas_headprune.allocate import allocate
+
+        scores = self.score(ctx)
+        cfg = self.config
+        assert isinstance(cfg, ScoringConfig)
+        space = ctx.space.with_step(cfg.width_step, cfg.min_width)
+        arch = allocate(space, scores, ctx.target_macs, mode=cfg.allocation)
+        selection = space.selection_from_scores(scores, arch)
+        return SearchResult(selection, info={"allocation": cfg.allocation})
+
+
+def validate_result(name: str, ctx: SearchContext, result: object) -> tuple[Selection, CostReport]:
+    """Re-check a strategy's result; raise :class:`StrategyError` naming the strategy if invalid."""
+    from nas_headprune.errors import ArchitectureError, StrategyError
+    from nas_headprune.space import Selection
+
+    if not isinstance(result, SearchResult):
+        raise StrategyError(f"strategy {name!r} returned {type(result).__name__}, expected a SearchResult")
+    raw = result.selection
+    try:
+        selection = ctx.space.selection(dict(raw.items()) if isinstance(raw, Selection) else raw)
+    except ArchitectureError as exc:
+        raise StrategyError(f"strategy {name!r} returned an invalid selection: {exc}") from exc
+    cost = ctx.cost(selection.architecture())
+    macs = float(result.reported_macs) if result.reported_macs is not None else float(cost.macs)
+    if macs > ctx.target_macs * (1 + 1e-9):
+        raise StrategyError(
+            f"strategy {name!r} returned an architecture of {macs:.6g} MACs, above the budget of "
+            f"{ctx.target_macs:.6g} MACs ({ctx.budget} of dense {ctx.dense_macs})"
+        )
+    return selection, cost

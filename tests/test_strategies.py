@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nas_headprune.allocate import BudgetError, allocate
+from nas_headprune.errors import ConfigError, StrategyError, UnknownNameError
+from nas_headprune.registry import STRATEGY_GROUP, list_plugins, make_strategy, strategy_class
+from nas_headprune.strategy import ScoringStrategy, SearchResult, Strategy, validate_result
+from nas_headprune.testing import run_conformance, tiny_context
+
+BUILTIN = [p.name for p in list_plugins(STRATEGY_GROUP)]
+
+
+def test_builtins_are_registered():
+    assert {"magnitude", "random", "taylor"} <= set(BUILTIN)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_builtin_conformance(name: str) -> None:
+    run_conformance(name)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_allocation_modes_meet_budget(allocation: str) -> None:
+    run_conformance("magnitude", {"allocation": allocation, "width_step": 2}, models=("vit",))
+
+
+def test_uniform_allocation_shares_one_ratio() -> None:
+    ctx = tiny_context(budget=0.5)
+    scores = {k: torch.rand(d.heads, d.max_width) for k, d in ctx.space.dims.items()}
+    arch = allocate(ctx.space, scores, ctx.target_macs, mode="uniform")
+    # one ratio r with width = floor(r * dense width) for every dimension
+    lower = max(arch[k] / d.max_width for k, d in ctx.space.dims.items())
+    upper = min((arch[k] + 1) / d.max_width for k, d in ctx.space.dims.items())
+    assert lower < upper
+    assert float(ctx.cost(arch).macs) <= ctx.target_macs
+
+
+def test_global_allocation_prunes_low_scores_first() -> None:
+    ctx = tiny_context(budget=0.7)
+    scores = {k: torch.ones(d.heads, d.max_width) for k, d in ctx.space.dims.items()}
+    low = torch.ones(64)
+    low[:40] = 1e-3  # 40 nearly worthless units (scores are compared after dividing by the layer mean)
+    scores["blocks.0.mlp:hidden"] = low
+    arch = allocate(ctx.space, scores, ctx.target_macs, mode="global")
+    assert arch["blocks.0.mlp:hidden"] <= 24
+    assert arch["blocks.1.mlp:hidden"] > arch["blocks.0.mlp:hidden"]
+    selection = ctx.space.selection_from_scores(scores, arch)
+    assert (selection["blocks.0.mlp:hidden"] >= 40).all()
+
+
+def test_unreachable_budget() -> None:
+    ctx = tiny_context(budget=0.01)
+    with pytest.raises(BudgetError, match="cannot be met: the smallest architecture of this space costs"):
+        make_strategy("magnitude").search(ctx)
+
+
+def test_magnitude_ranks_by_norm() -> None:
+    ctx = tiny_context(budget=0.5)
+    scores = make_strategy("magnitude").score(ctx)
+    w = ctx.model.blocks[0].mlp.fc1.weight
+    b = ctx.model.blocks[0].mlp.fc1.bias
+    w2 = ctx.model.blocks[0].mlp.fc2.weight
+    expected = w.abs().sum(1) + b.abs() + w2.abs().sum(0)
+    torch.testing.assert_close(scores["blocks.0.mlp:hidden"].float(), expected.detach())
+
+
+def test_unknown_strategy_and_bad_options() -> None:
+    with pytest.raises(UnknownNameError, match="unknown name 'magnitud'.*choose one of: .*magnitude"):
+        strategy_class("magnitud")
+    with pytest.raises(ConfigError, match=r"strategy_options\.nrom: unknown key; valid keys here: .*norm"):
+        make_strategy("magnitude", {"nrom": "l2"})
+    with pytest.raises(ConfigError, match=r"strategy_options\.norm: Input should be 'l1' or 'l2'"):
+        make_strategy("magnitude", {"norm": "l3"})
+
+
+def test_module_path_lookup() -> None:
+    cls = strategy_class("nas_headprune.strategies.magnitude:Magnitude")
+    assert cls.__name__ == "Magnitude"
+    with pytest.raises(UnknownNameError, match="has no attribute 'Nope'"):
+        strategy_class("nas_headprune.strategies.magnitude:Nope")
+
+
+class _Unbalanced(Strategy):
+    def search(self, ctx):
+        sel = {k: v for k, v in ctx.space.first_channels(ctx.space.dense()).items()}
+        sel["blocks.0.attn:qk"] = [[0, 1], [0], [0], [0]]
+        return SearchResult(sel)
+
+
+class _OverBudget(ScoringStrategy):
+    def score(self, ctx):
+        return {k: torch.rand(d.heads, d.max_width) for k, d in ctx.space.dims.items()}
+
+    def search(self, ctx):
+        return SearchResult(ctx.space.first_channels(ctx.space.dense()))
+
+
+def test_runner_rejects_bad_plugins() -> None:
+    ctx = tiny_context(budget=0.5)
+    with pytest.raises(StrategyError, match=r"strategy 'unbalanced' returned an invalid selection: .*unbalanced"):
+        validate_result("unbalanced", ctx, _Unbalanced().search(ctx))
+    with pytest.raises(StrategyError, match=r"strategy 'greedy' returned an architecture of .* above the budget"):
+        validate_result("greedy", ctx, _OverBudget().search(ctx))
+    with pytest.raises(AssertionError, match="above the budget"):
+        run_conformance(_OverBudget, models=("vit",))
