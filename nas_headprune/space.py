@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ATTENTION_KINDS = ("qk", "v")
+#: suffix of a MaskSet entry holding per-channel factors on the queries only (reweight scales)
+QUERY_SCALE = "@q"
 MLP_KINDS = ("hidden",)
 
 
@@ -259,6 +261,19 @@ class SpaceAdapter(ABC):
     ) -> nn.Module:
         """A new, smaller module holding ``params`` (sliced tensors, by local name)."""
 
+    def fold_scales(
+        self,
+        layer: LayerSpace,
+        widths: dict[str, int],
+        params: dict[str, torch.Tensor],
+        scales: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Fold per-kept-channel scales (``{kind: (H, w)}``) into the sliced ``params``.
+
+        Adapters whose modules cannot fold a kind exactly raise :class:`ArchitectureError`.
+        """
+        raise ArchitectureError(f"{layer.label}: {self.name} cannot fold reweight scales")
+
     @abstractmethod
     def macs(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
         """Per-image MACs at ``widths``; must work for floats and tensors (differentiable)."""
@@ -273,6 +288,9 @@ class MaskSet(dict):
 
     Attention masks are ``(H, d)``; MLP masks ``(m,)``. Values may be hard (0/1) or soft, and may
     require grad. A label that is absent is not masked. Update entries in place between steps.
+    An entry ``"<layer>:qk@q"`` (``(H, d)``) multiplies the queries only: the reweight scales of the
+    similarity_indicator strategy. (A value scale needs no entry of its own: multiplying the value
+    mask by it is the same computation.)
     """
 
 

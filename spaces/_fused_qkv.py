@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from nas_headprune.evaluator.cost import softmax_attention_macs
-from nas_headprune.space import DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
+from nas_headprune.space import QUERY_SCALE, DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
 
 
 def head_widths(module: nn.Module) -> tuple[int, int, int]:
@@ -84,12 +84,16 @@ class FusedQkvAdapter(SpaceAdapter):
 
         def mask_qk(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
             m = masks.get(qk_label)
-            if m is None:
+            q_scale = masks.get(qk_label + QUERY_SCALE)
+            if m is None and q_scale is None:
                 return None
-            m = m.to(out.dtype).reshape(heads, d_qk)
             q, k, v = out.split([heads * d_qk, heads * d_qk, heads * d_v], dim=-1)
-            flat = rearrange(m, "h d -> (h d)")  # (H*d_qk,)
-            return torch.cat([q * flat, k * flat, v], dim=-1)
+            if m is not None:
+                flat = rearrange(m.to(out.dtype).reshape(heads, d_qk), "h d -> (h d)")  # (H*d_qk,)
+                q, k = q * flat, k * flat
+            if q_scale is not None:
+                q = q * rearrange(q_scale.to(out.dtype).reshape(heads, d_qk), "h d -> (h d)")
+            return torch.cat([q, k, v], dim=-1)
 
         def mask_v(mod: nn.Module, args: tuple) -> tuple | None:
             m = masks.get(v_label)
@@ -103,6 +107,27 @@ class FusedQkvAdapter(SpaceAdapter):
             module.qkv.register_forward_hook(mask_qk),
             module.proj.register_forward_pre_hook(mask_v),
         ]
+
+    def fold_scales(
+        self, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor],
+        scales: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Fold per-kept-channel scales into the sliced rows: ``qk`` scales the query rows only (the
+        softmax sees q.k, so scaling q_j scales that channel's term), ``v`` scales the value rows."""
+        heads = layer.dims["qk"].heads
+        w_qk, w_v = widths["qk"], widths["v"]
+        row_scale = torch.ones(heads * (2 * w_qk + w_v), dtype=torch.float64)
+        if "qk" in scales:
+            row_scale[: heads * w_qk] = scales["qk"].reshape(-1).double()
+        if "v" in scales:
+            row_scale[2 * heads * w_qk :] = scales["v"].reshape(-1).double()
+        out = dict(params)
+        for name in ("qkv.weight", "qkv.bias"):
+            if name in out:
+                t = out[name]
+                factor = row_scale.to(t.device).view(-1, *([1] * (t.dim() - 1)))
+                out[name] = (t.double() * factor).to(t.dtype)
+        return out
 
     def macs(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
         m = layer.meta

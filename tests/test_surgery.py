@@ -105,3 +105,29 @@ def test_materialize_rejects_bad_selection() -> None:
     rows["blocks.7.mlp:hidden"] = [0]
     with pytest.raises(ArchitectureError, match=r"unknown layer label 'blocks\.7\.mlp:hidden'"):
         materialize(model, space, rows)
+
+
+@pytest.mark.parametrize("key", ["vit", "swin"])
+def test_folded_scales_equal_unfolded(key: str) -> None:
+    model, space = _setup(key, False)
+    selection = _random_selection(space, 11)
+    gen = torch.Generator().manual_seed(3)
+    scales = {}
+    masks = space.masks_from_selection(selection)
+    for label, d in space.dims.items():
+        if label.endswith((":qk", ":v")):
+            scales[label] = 0.5 + torch.rand(d.heads, d.max_width, generator=gen)
+    for label, s in scales.items():
+        if label.endswith(":qk"):
+            masks[label + "@q"] = s
+        else:
+            masks[label] = masks[label] * s
+    pruned = materialize(model, space, selection, scales=scales)
+    x = torch.randn(2, *input_size(key), generator=gen)
+    with torch.no_grad():
+        with space.apply_masks(model, masks):
+            unfolded = model(x)
+        folded = pruned(x)
+        plain = materialize(model, space, selection)(x)
+    assert (unfolded - folded).abs().max().item() < 1e-5
+    assert (plain - folded).abs().max().item() > 1e-3  # the scales really did something

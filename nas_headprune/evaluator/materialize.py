@@ -67,12 +67,20 @@ def slice_parameters(
     return out
 
 
-def materialize(model: nn.Module, space: HeadSpace, selection: Selection | Mapping[str, Any]) -> nn.Module:
+def materialize(
+    model: nn.Module,
+    space: HeadSpace,
+    selection: Selection | Mapping[str, Any],
+    scales: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """A new, physically smaller copy of ``model`` keeping exactly the selected channels.
 
     ``selection`` may be a :class:`Selection` or raw per-head index lists; it is checked against
     ``space`` (unbalanced heads, out-of-range indices and unknown labels raise
-    :class:`~nas_headprune.errors.ArchitectureError`).
+    :class:`~nas_headprune.errors.ArchitectureError`). ``scales`` (optional) maps attention
+    dimension labels to reweight factors over the dense channels, ``(H, d)``; the kept channels'
+    factors are folded into the weights (queries for ``:qk``, values for ``:v``), so the result equals
+    the masked model run with those factors (``<layer>:qk@q`` entries and value masks times scales).
     """
     if isinstance(selection, Selection):
         selection = space.selection({k: v for k, v in selection.items()})
@@ -82,6 +90,10 @@ def materialize(model: nn.Module, space: HeadSpace, selection: Selection | Mappi
     missing = [name for name in space.layers if name not in modules]
     if missing:
         raise ArchitectureError(f"model has no module {missing[0]!r}: was the space built from it?")
+    if scales is not None:
+        unknown = [k for k in scales if k not in space.dims]
+        if unknown:
+            raise ArchitectureError(f"scales for unknown dimension {unknown[0]!r}")
     params = {name: dict(modules[name].named_parameters()) for name in space.layers}
     sliced = slice_parameters(space, params, selection)
     arch = selection.architecture()
@@ -90,7 +102,15 @@ def materialize(model: nn.Module, space: HeadSpace, selection: Selection | Mappi
     for name, layer in space.layers.items():
         old = new.get_submodule(name)
         widths = arch.layer_widths(name)
-        replacement = layer.adapter.build_pruned(old, layer, widths, sliced[name])
+        layer_params = sliced[name]
+        layer_scales = {}
+        for kind, d in layer.dims.items():
+            if scales is not None and d.label in scales:
+                factors = scales[d.label].detach().reshape(d.heads, d.max_width)
+                layer_scales[kind] = torch.gather(factors, 1, selection[d.label].to(factors.device))
+        if layer_scales:
+            layer_params = layer.adapter.fold_scales(layer, widths, layer_params, layer_scales)
+        replacement = layer.adapter.build_pruned(old, layer, widths, layer_params)
         replacement.train(old.training)
         new.set_submodule(name, replacement)
     base_meta = getattr(model, META_ATTR, None) or {}
