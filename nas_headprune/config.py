@@ -132,3 +132,25 @@ def load_config(source: str | None = None, overrides: list[str] | None = None) -
         return RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(validation_message(exc, model=RunConfig)) from exc
+
+
+class TrainConfig(BaseModel):
+    """``nas-headprune train``: a dense model trained from scratch on one data set."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="vit_tiny_patch16_224"))
+    data: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+
+
+def load_train_config(source: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict[str, Any] = read_yaml(source) if source else {}
+    for item in overrides or []:
+        apply_override(data, item)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, model=TrainConfig)) from exc

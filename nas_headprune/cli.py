@@ -1,0 +1,199 @@
+"""``nas-headprune`` command line. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from nas_headprune.errors import NasHeadpruneError, UsageError
+
+log = logging.getLogger("nas_headprune")
+
+DEFAULT_PRESET = "default"
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    try:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+    except ImportError:  # pragma: no cover
+        handler = logging.StreamHandler()
+    logging.basicConfig(level=level, handlers=[handler], format="%(message)s")
+    logging.getLogger("nas_headprune").setLevel(max(level, logging.INFO) if verbose else logging.INFO)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nas-headprune", description=__doc__)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    from nas_headprune import __version__
+
+    p.add_argument("--version", action="version", version=f"nas-headprune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("search", help="prune a model to a MACs budget with a strategy")
+    s.add_argument("--strategy", help="registered name or package.module:Class (default from the config)")
+    s.add_argument("--config", default=None, help=f"YAML file or preset name (default: {DEFAULT_PRESET})")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. budget=0.7 or strategy_options.norm=l2 (repeatable)")
+    s.add_argument("--out", default=None, help="run folder (default: runs/<strategy>-b<budget>-s<seed>)")
+    s.add_argument("--no-progress", action="store_true")
+
+    sub.add_parser("strategies", help="list installed strategies")
+
+    c = sub.add_parser("config", help="show a strategy's options (defaults and schema)")
+    c.add_argument("--strategy", required=True)
+    c.add_argument("--schema", action="store_true", help="print the JSON schema instead of the defaults")
+
+    t = sub.add_parser("train", help="train a dense base model (how the embedded default was made)")
+    t.add_argument("--config", required=True, help="YAML file or preset name, e.g. train_vit_fmnist")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--out", required=True)
+    t.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("evaluate", help="evaluate a saved pruned model (a run folder or its model/)")
+    e.add_argument("dir")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="data overrides, e.g. data.test_subset=1000")
+    return p
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from nas_headprune.config import load_config
+    from nas_headprune.runner import run_search
+
+    overrides = list(args.overrides)
+    if args.strategy:
+        overrides.insert(0, f"strategy={args.strategy}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    cfg = load_config(args.config or DEFAULT_PRESET, overrides)
+    out = args.out or f"runs/{cfg.strategy.replace(':', '_').replace('.', '_')}-b{cfg.budget}-s{cfg.seed}"
+    result = run_search(cfg, out)
+    pruned, dense = result["pruned"], result["dense"]
+    summary = {
+        "run": str(out),
+        "strategy": result["strategy"],
+        "macs": f"{pruned['macs']:,} of {dense['macs']:,} ({pruned['macs_ratio']:.3f})",
+        "params": f"{pruned['params']:,} of {dense['params']:,}",
+        "top1_dense": dense.get("top1"),
+        "top1_pruned_before_finetune": pruned["before_finetune"].get("top1"),
+        "top1_pruned_after_finetune": pruned["after_finetune"].get("top1"),
+        "speedup": result["throughput"].get("pruned", {}).get("speedup"),
+        "seconds": {k: round(v, 1) for k, v in result["timings"].items()},
+    }
+    _print_json(summary)
+    return 0
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from nas_headprune.registry import STRATEGY_GROUP, list_plugins, strategy_class
+
+    rows = []
+    for info in list_plugins(STRATEGY_GROUP):
+        try:
+            summary = strategy_class(info.name).summary or "(no summary)"
+        except Exception as exc:  # a broken plugin is listed, not fatal
+            summary = f"[failed to load: {exc}]"
+        rows.append((info.name, info.provider, summary))
+    width = max((len(r[0]) for r in rows), default=4)
+    pwidth = max((len(r[1]) for r in rows), default=8)
+    for name, provider, summary in rows:
+        print(f"{name:<{width}}  {provider:<{pwidth}}  {summary}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from nas_headprune.registry import strategy_class
+
+    cls = strategy_class(args.strategy)
+    if args.schema:
+        _print_json(cls.Config.model_json_schema())
+    else:
+        print(f"# strategy_options of {args.strategy!r} (defaults); set with --set strategy_options.KEY=VALUE")
+        print(yaml.safe_dump(cls.Config().model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nas_headprune.config import load_train_config
+    from nas_headprune.runner import run_train
+
+    overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+    cfg = load_train_config(args.config, overrides)
+    record = run_train(cfg, args.out)
+    _print_json({"out": args.out, "test": record["test"], "macs": record["macs"], "params": record["params"],
+                 "train_seconds": round(record["train"]["seconds"], 1)})
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from nas_headprune import data as data_mod
+    from nas_headprune.config import apply_override
+    from nas_headprune.evaluator import metrics
+    from nas_headprune.evaluator.measure import measure_macs
+    from nas_headprune.io import load_pruned
+    from nas_headprune.runner import _sub
+
+    root = Path(args.dir)
+    model_dir = root / "model" if (root / "model" / "pruned.json").is_file() else root
+    model = load_pruned(model_dir).eval()
+    resolved = root / "config.resolved.yaml"
+    settings: dict[str, Any] = {"data": {}}
+    if resolved.is_file():
+        settings["data"] = (yaml.safe_load(resolved.read_text()) or {}).get("data", {})
+    for item in args.overrides:
+        apply_override(settings, item)
+    data_cfg = _sub(data_mod.DataConfig, settings["data"], "data")
+    bundle = data_mod.load_datasets(data_cfg, seed=0)
+    _, test_loader = data_mod.make_loaders(bundle, data_cfg, seed=0)
+    size = data_mod.input_size(bundle)
+    report = metrics.evaluate(model, test_loader)
+    report.update({"macs": measure_macs(model, size), "params": metrics.count_params(model)})
+    report["flops"] = 2 * report["macs"]
+    _print_json(report)
+    return 0
+
+
+COMMANDS = {
+    "search": cmd_search,
+    "strategies": cmd_strategies,
+    "config": cmd_config,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NasHeadpruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
