@@ -40,8 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="prune a model to a MACs budget with a strategy")
     s.add_argument("--strategy", help="registered name or package.module:Class (default from the config)")
     s.add_argument("--config", default=None, help=f"YAML file or preset name (default: {DEFAULT_PRESET})")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. budget=0.7 or strategy_options.norm=l2 (repeatable)")
+    s.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. budget=0.7 or strategy_options.norm=l2 (repeatable)",
+    )
     s.add_argument("--out", default=None, help="run folder (default: runs/<strategy>-b<budget>-s<seed>)")
     s.add_argument("--no-progress", action="store_true")
 
@@ -59,8 +65,14 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="evaluate a saved pruned model (a run folder or its model/)")
     e.add_argument("dir")
-    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="data overrides, e.g. data.test_subset=1000")
+    e.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data overrides, e.g. data.test_subset=1000",
+    )
     return p
 
 
@@ -122,7 +134,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.schema:
         _print_json(cls.Config.model_json_schema())
     else:
-        print(f"# strategy_options of {args.strategy!r} (defaults); set with --set strategy_options.KEY=VALUE")
+        print(
+            f"# strategy_options of {args.strategy!r} (defaults); set with --set strategy_options.KEY=VALUE"
+        )
         print(yaml.safe_dump(cls.Config().model_dump(mode="json"), sort_keys=False), end="")
     return 0
 
@@ -134,8 +148,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     cfg = load_train_config(args.config, overrides)
     record = run_train(cfg, args.out)
-    _print_json({"out": args.out, "test": record["test"], "macs": record["macs"], "params": record["params"],
-                 "train_seconds": round(record["train"]["seconds"], 1)})
+    _print_json(
+        {
+            "out": args.out,
+            "test": record["test"],
+            "macs": record["macs"],
+            "params": record["params"],
+            "train_seconds": round(record["train"]["seconds"], 1),
+        }
+    )
     return 0
 
 

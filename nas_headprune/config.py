@@ -80,7 +80,9 @@ class RunConfig(BaseModel):
 
 def preset_names() -> list[str]:
     return sorted(
-        p.name[: -len(".yaml")] for p in resources.files("nas_headprune.configs").iterdir() if p.name.endswith(".yaml")
+        p.name[: -len(".yaml")]
+        for p in resources.files("nas_headprune.configs").iterdir()
+        if p.name.endswith(".yaml")
     )
 
 
@@ -94,7 +96,9 @@ def read_yaml(source: str) -> dict[str, Any]:
     else:
         candidate = resources.files("nas_headprune.configs") / f"{source}.yaml"
         if not candidate.is_file():
-            raise ConfigError(f"{source!r} is neither a config file nor a preset; presets: {', '.join(preset_names())}")
+            raise ConfigError(
+                f"{source!r} is neither a config file nor a preset; presets: {', '.join(preset_names())}"
+            )
         text = candidate.read_text()
     try:
         data = yaml.safe_load(text) or {}

@@ -111,7 +111,9 @@ def load_pruned(directory: str | os.PathLike, map_location: str = "cpu") -> nn.M
         model = create_model(base["name"], **base.get("kwargs", {}))
     except (TypeError, UsageError) as exc:
         raise CheckpointError(f"cannot rebuild base model {base['name']!r} from {directory}: {exc}") from exc
-    space = build_space(model, tuple(record["input_size"]), skip_unsupported=record.get("skip_unsupported", False))
+    space = build_space(
+        model, tuple(record["input_size"]), skip_unsupported=record.get("skip_unsupported", False)
+    )
     try:
         selection = space.first_channels(record["architecture"])
     except ArchitectureError as exc:

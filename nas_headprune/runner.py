@@ -113,7 +113,9 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     main = rank == 0
 
     model, record = load_base_model(cfg)
-    data_dict = {**record.get("data", {}), **cfg.data} if cfg.model.name.startswith("embedded") else dict(cfg.data)
+    data_dict = (
+        {**record.get("data", {}), **cfg.data} if cfg.model.name.startswith("embedded") else dict(cfg.data)
+    )
     data_cfg = _sub(data_mod.DataConfig, data_dict, "data")
 
     out.mkdir(parents=True, exist_ok=True)
@@ -146,8 +148,16 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     # ---------------------------------------------------------------- search
     search_file = out / "search.json"
     ctx = SearchContext(
-        model=model, space=space, budget=cfg.budget, dense_macs=dense_macs, calib=calib, seed=cfg.seed,
-        device=device, train_loader=train_loader, work_dir=out / "search_state", progress=cfg.progress and main,
+        model=model,
+        space=space,
+        budget=cfg.budget,
+        dense_macs=dense_macs,
+        calib=calib,
+        seed=cfg.seed,
+        device=device,
+        train_loader=train_loader,
+        work_dir=out / "search_state",
+        progress=cfg.progress and main,
     )
     if search_file.is_file():
         saved = json.loads(search_file.read_text())
@@ -169,10 +179,16 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             if scales:
                 with atomic_path(out / "search_scales.safetensors") as tmp:
                     save_file(scales, str(tmp))
-            atomic_write_json(search_file, {
-                "selection": selection.to_lists(), "info": info, "reported_macs": reported,
-                "has_scales": bool(scales), "search_s": timings["search_s"],
-            })
+            atomic_write_json(
+                search_file,
+                {
+                    "selection": selection.to_lists(),
+                    "info": info,
+                    "reported_macs": reported,
+                    "has_scales": bool(scales),
+                    "search_s": timings["search_s"],
+                },
+            )
         mlog.write("search_done", seconds=timings["search_s"], info=info)
     arch = selection.architecture()
 
@@ -185,7 +201,9 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         pruned = materialize(model, space, selection, scales=scales or None)
         rw_report = reweight(model, pruned, space, calib, rw_cfg, device=device).to_dict()
         if main:
-            save_pruned(pruned, out / "model", base={"name": record["name"], "kwargs": record.get("kwargs", {})})
+            save_pruned(
+                pruned, out / "model", base={"name": record["name"], "kwargs": record.get("kwargs", {})}
+            )
             atomic_write_json(out / "reweight.json", rw_report)
     timings["materialize_reweight_s"] = time.perf_counter() - t0
     mlog.write("reweight_done", report=rw_report)
@@ -199,12 +217,20 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     ft_result = None
     if ft_cfg.epochs > 0:
         ft_result = ft.finetune(
-            pruned, train_loader, ft_cfg, seed=cfg.seed, device=device,
-            teacher=model if ft_cfg.distill else None, checkpoint_dir=out / "finetune",
-            metrics_log=out / "metrics.jsonl" if main else None, progress=cfg.progress and main,
+            pruned,
+            train_loader,
+            ft_cfg,
+            seed=cfg.seed,
+            device=device,
+            teacher=model if ft_cfg.distill else None,
+            checkpoint_dir=out / "finetune",
+            metrics_log=out / "metrics.jsonl" if main else None,
+            progress=cfg.progress and main,
         )
         if main:
-            save_pruned(pruned, out / "model", base={"name": record["name"], "kwargs": record.get("kwargs", {})})
+            save_pruned(
+                pruned, out / "model", base={"name": record["name"], "kwargs": record.get("kwargs", {})}
+            )
     timings["finetune_s"] = time.perf_counter() - t0
     after = metrics.evaluate(pruned, test_loader, device=device)
     throughput = metrics.measure_throughput(
@@ -217,7 +243,12 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "budget": cfg.budget,
         "seed": cfg.seed,
         "architecture": arch.to_dict(),
-        "dense": {"macs": dense_macs, "flops": 2 * dense_macs, "params": metrics.count_params(model), **dense_eval},
+        "dense": {
+            "macs": dense_macs,
+            "flops": 2 * dense_macs,
+            "params": metrics.count_params(model),
+            **dense_eval,
+        },
         "pruned": {
             "macs": pruned_macs,
             "flops": 2 * pruned_macs,
@@ -229,9 +260,13 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             "after_finetune": after,
         },
         "reweight": rw_report,
-        "finetune": None if ft_result is None else {
-            "epochs_run": ft_result.epochs_run, "steps": ft_result.steps,
-            "final_train_loss": ft_result.final_train_loss, "resumed_from_epoch": ft_result.resumed_from_epoch,
+        "finetune": None
+        if ft_result is None
+        else {
+            "epochs_run": ft_result.epochs_run,
+            "steps": ft_result.steps,
+            "final_train_loss": ft_result.final_train_loss,
+            "resumed_from_epoch": ft_result.resumed_from_epoch,
         },
         "throughput": throughput,
         "strategy_info": info,
@@ -271,8 +306,14 @@ def run_train(cfg: Any, out: str | Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = ft.finetune(
-        model, train_loader, train_cfg, seed=cfg.seed, device=device, checkpoint_dir=out / "train_state",
-        metrics_log=out / "metrics.jsonl" if rank == 0 else None, progress=cfg.progress and rank == 0,
+        model,
+        train_loader,
+        train_cfg,
+        seed=cfg.seed,
+        device=device,
+        checkpoint_dir=out / "train_state",
+        metrics_log=out / "metrics.jsonl" if rank == 0 else None,
+        progress=cfg.progress and rank == 0,
     )
     seconds = time.perf_counter() - t0
     evaluation = metrics.evaluate(model, test_loader, device=device)
@@ -285,8 +326,13 @@ def run_train(cfg: Any, out: str | Path) -> dict[str, Any]:
         "test": evaluation,
         "macs": measure_macs(model, size),
         "params": metrics.count_params(model),
-        "train": {"epochs": result.epochs_run, "steps": result.steps, "seconds": seconds, "seed": cfg.seed,
-                  "config": train_cfg.model_dump(mode="json")},
+        "train": {
+            "epochs": result.epochs_run,
+            "steps": result.steps,
+            "seconds": seconds,
+            "seed": cfg.seed,
+            "config": train_cfg.model_dump(mode="json"),
+        },
         "versions": versions(),
     }
     if rank == 0:

@@ -84,9 +84,7 @@ class DimSpec:
                 f"[{self.min_width}, {self.max_width}] (per-head width, step {self.step})"
             )
         if width % self.step and width != self.max_width:
-            raise ArchitectureError(
-                f"{self.label} = {width} is not a multiple of the width step {self.step}"
-            )
+            raise ArchitectureError(f"{self.label} = {width} is not a multiple of the width step {self.step}")
         return width
 
 
@@ -166,9 +164,7 @@ class Architecture(Mapping[str, int]):
     def diff(self, other: Mapping[str, int]) -> dict[str, tuple[int | None, int | None]]:
         """Labels whose widths differ: ``{label: (self, other)}``."""
         keys = set(self) | set(other)
-        return {
-            k: (self.get(k), other.get(k)) for k in sorted(keys) if self.get(k) != other.get(k)
-        }
+        return {k: (self.get(k), other.get(k)) for k in sorted(keys) if self.get(k) != other.get(k)}
 
 
 class Selection(Mapping[str, "torch.Tensor"]):
@@ -333,9 +329,7 @@ class HeadSpace:
             for k, d in layer.dims.items():
                 lo = max(min_width or d.min_width, 1)
                 dims[k] = DimSpec(d.label, d.kind, d.heads, d.max_width, min(lo, d.max_width), step)
-            layers[name] = LayerSpace(
-                layer.label, layer.family, layer.kind, dims, layer.meta, layer.adapter
-            )
+            layers[name] = LayerSpace(layer.label, layer.family, layer.kind, dims, layer.meta, layer.adapter)
         return HeadSpace(layers, self.input_size, self.fixed_macs, self.fixed_params, self.skipped)
 
     # --------------------------------------------------------------- architecture
@@ -419,9 +413,7 @@ class HeadSpace:
             out[label] = idx if self.layer_of(label).kind == "mlp" else idx.repeat(d.heads, 1)
         return Selection(out)
 
-    def selection_from_scores(
-        self, scores: Mapping[str, torch.Tensor], arch: Mapping[str, int]
-    ) -> Selection:
+    def selection_from_scores(self, scores: Mapping[str, torch.Tensor], arch: Mapping[str, int]) -> Selection:
         """Each head keeps its top-``width`` channels by score (ties broken by lower index)."""
         import torch
 

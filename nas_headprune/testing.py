@@ -17,7 +17,6 @@ Each check raises ``AssertionError`` with a message saying what the strategy got
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -35,14 +34,28 @@ def tiny_context(seed: int = 0, budget: float = 0.6, model: str = "vit") -> Sear
     torch.manual_seed(1234)
     if model == "vit":
         net = create_model(
-            "vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
-            num_heads=4, mlp_ratio=2, num_classes=5,
+            "vit_tiny_patch16_224",
+            img_size=16,
+            patch_size=4,
+            in_chans=1,
+            embed_dim=32,
+            depth=2,
+            num_heads=4,
+            mlp_ratio=2,
+            num_classes=5,
         )
         size = (1, 16, 16)
     elif model == "swin":
         net = create_model(
-            "swin_tiny_patch4_window7_224", img_size=28, patch_size=2, in_chans=1, embed_dim=16,
-            depths=(1, 1), num_heads=(2, 4), window_size=7, num_classes=5,
+            "swin_tiny_patch4_window7_224",
+            img_size=28,
+            patch_size=2,
+            in_chans=1,
+            embed_dim=16,
+            depths=(1, 1),
+            num_heads=(2, 4),
+            window_size=7,
+            num_classes=5,
         )
         size = (1, 28, 28)
     else:
@@ -50,7 +63,9 @@ def tiny_context(seed: int = 0, budget: float = 0.6, model: str = "vit") -> Sear
     net.eval()
     space = build_space(net, size)
     gen = torch.Generator().manual_seed(99)
-    calib = [(torch.randn(8, *size, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(2)]
+    calib = [
+        (torch.randn(8, *size, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(2)
+    ]
     return SearchContext(
         model=net, space=space, budget=budget, dense_macs=measure_macs(net, size), calib=calib, seed=seed
     )
@@ -106,7 +121,9 @@ def check_config_roundtrip(make: Callable[[], Strategy]) -> None:
     cfg = strategy.config
     again = type(cfg).model_validate_json(cfg.model_dump_json())
     assert again == cfg, f"{type(strategy).__name__}.Config does not round-trip through JSON"
-    assert type(cfg).model_config.get("extra") == "forbid", f"{type(strategy).__name__}.Config must forbid extra fields"
+    assert type(cfg).model_config.get("extra") == "forbid", (
+        f"{type(strategy).__name__}.Config must forbid extra fields"
+    )
 
 
 def run_conformance(

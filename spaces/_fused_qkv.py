@@ -109,7 +109,10 @@ class FusedQkvAdapter(SpaceAdapter):
         ]
 
     def fold_scales(
-        self, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor],
+        self,
+        layer: LayerSpace,
+        widths: dict[str, int],
+        params: dict[str, torch.Tensor],
         scales: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         """Fold per-kept-channel scales into the sliced rows: ``qk`` scales the query rows only (the
@@ -132,8 +135,13 @@ class FusedQkvAdapter(SpaceAdapter):
     def macs(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
         m = layer.meta
         return softmax_attention_macs(
-            m["tokens"], m["kv_tokens"], m["embed_dim"], m["out_dim"], layer.dims["qk"].heads,
-            widths["qk"], widths["v"],
+            m["tokens"],
+            m["kv_tokens"],
+            m["embed_dim"],
+            m["out_dim"],
+            layer.dims["qk"].heads,
+            widths["qk"],
+            widths["v"],
         )
 
     def params(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:

@@ -68,7 +68,9 @@ class PrunedWindowAttention(nn.Module):
             bias = bias + win_mask.reshape(-1, heads, n, n)  # (num_windows*B, H, M, M)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
-                q, k, v,
+                q,
+                k,
+                v,
                 attn_mask=bias,
                 dropout_p=self.attn_drop.p if self.training else 0.0,
                 scale=self.scale,

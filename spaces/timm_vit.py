@@ -55,7 +55,9 @@ class PrunedAttention(nn.Module):
         q, k, v = split_qkv(self.qkv(x), self.num_heads, self.head_dim_qk, self.head_dim_v)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
-                q, k, v,
+                q,
+                k,
+                v,
                 attn_mask=attn_mask,
                 dropout_p=self.attn_drop.p if self.training else 0.0,
                 is_causal=is_causal,
@@ -96,8 +98,12 @@ class TimmAttentionAdapter(FusedQkvAdapter):
 
     def describe(self, label: str, module: nn.Module, tokens: int) -> LayerSpace:
         return LayerSpace(
-            label, self.name, self.kind, self._dims(label, module),
-            self._meta(module, tokens, kv_tokens=tokens), self,
+            label,
+            self.name,
+            self.kind,
+            self._dims(label, module),
+            self._meta(module, tokens, kv_tokens=tokens),
+            self,
         )
 
     def build_pruned(
@@ -144,7 +150,11 @@ class TimmMlpAdapter(SpaceAdapter):
 
     def describe(self, label: str, module: nn.Module, tokens: int) -> LayerSpace:
         hidden = module.fc1.out_features
-        dense = sum(p.numel() for p in (module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias) if p is not None)
+        dense = sum(
+            p.numel()
+            for p in (module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias)
+            if p is not None
+        )
         meta = {
             "tokens": tokens,
             "in_dim": module.fc1.in_features,

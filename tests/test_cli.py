@@ -123,7 +123,8 @@ def test_strategies_and_config_commands(capsys) -> None:
 def test_console_script_usage_error() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "nas_headprune.cli", "search", "--set", "nokey"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert "--set expects dotted.key=value, got 'nokey'" in proc.stderr

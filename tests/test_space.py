@@ -39,11 +39,17 @@ def test_validate_accepts_dense_and_rejects_bad_values(vit):
     _, space = vit
     dense = space.dense()
     assert space.validate(dense.to_dict()) == dense
-    with pytest.raises(ArchitectureError, match=r"blocks\.0\.attn:qk = 0 is outside the allowed range \[1, 12\]"):
+    with pytest.raises(
+        ArchitectureError, match=r"blocks\.0\.attn:qk = 0 is outside the allowed range \[1, 12\]"
+    ):
         space.validate({**dense, "blocks.0.attn:qk": 0})
-    with pytest.raises(ArchitectureError, match=r"blocks\.0\.attn:v = 13 is outside the allowed range \[1, 12\]"):
+    with pytest.raises(
+        ArchitectureError, match=r"blocks\.0\.attn:v = 13 is outside the allowed range \[1, 12\]"
+    ):
         space.validate({**dense, "blocks.0.attn:v": 13})
-    with pytest.raises(ArchitectureError, match=r"unknown layer label 'blocks\.9\.attn:qk'.*blocks\.0\.attn:qk"):
+    with pytest.raises(
+        ArchitectureError, match=r"unknown layer label 'blocks\.9\.attn:qk'.*blocks\.0\.attn:qk"
+    ):
         space.validate({**dense, "blocks.9.attn:qk": 4})
     with pytest.raises(ArchitectureError, match="must be an integer, got 2.5"):
         space.validate({**dense, "blocks.1.mlp:hidden": 2.5})
@@ -78,7 +84,9 @@ def test_unbalanced_selection_is_rejected(vit):
     _, space = vit
     rows = {label: space.first_channels(space.dense())[label] for label in space.dims}
     rows["blocks.0.attn:qk"] = [[0, 1, 2], [0, 1], [3, 4], [5, 6]]
-    with pytest.raises(ArchitectureError, match=r"blocks\.0\.attn:qk: unbalanced selection \(head 0: 3, head 1: 2"):
+    with pytest.raises(
+        ArchitectureError, match=r"blocks\.0\.attn:qk: unbalanced selection \(head 0: 3, head 1: 2"
+    ):
         space.selection(rows)
     rows["blocks.0.attn:qk"] = [[0, 12], [0, 1], [3, 4], [5, 6]]
     with pytest.raises(ArchitectureError, match=r"head 0 index 12 is outside \[0, 11\]"):
@@ -119,7 +127,10 @@ def test_coupling_graph(vit):
     assert qk == {"blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias"}
     assert v == {"blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight"}
     assert hidden == {"blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc1.bias", "blocks.1.mlp.fc2.weight"}
-    axes = {(g.nodes[n]["param"], g.nodes[n]["axis"], g.nodes[n]["offset"]) for n in g.successors("blocks.0.attn:v")}
+    axes = {
+        (g.nodes[n]["param"], g.nodes[n]["axis"], g.nodes[n]["offset"])
+        for n in g.successors("blocks.0.attn:v")
+    }
     assert axes == {
         ("blocks.0.attn.qkv.weight", 0, 96),
         ("blocks.0.attn.qkv.bias", 0, 96),
@@ -129,7 +140,14 @@ def test_coupling_graph(vit):
 
 def test_qk_norm_is_refused_or_skipped():
     model = create_model(
-        "vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, qk_norm=True, num_classes=3
+        "vit_tiny_patch16_224",
+        img_size=16,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        qk_norm=True,
+        num_classes=3,
     )
     with pytest.raises(UnsupportedLayerError, match=r"blocks\.0\.attn \(Attention: qk_norm"):
         build_space(model, (3, 16, 16))

@@ -99,9 +99,13 @@ class _OverBudget(ScoringStrategy):
 
 def test_runner_rejects_bad_plugins() -> None:
     ctx = tiny_context(budget=0.5)
-    with pytest.raises(StrategyError, match=r"strategy 'unbalanced' returned an invalid selection: .*unbalanced"):
+    with pytest.raises(
+        StrategyError, match=r"strategy 'unbalanced' returned an invalid selection: .*unbalanced"
+    ):
         validate_result("unbalanced", ctx, _Unbalanced().search(ctx))
-    with pytest.raises(StrategyError, match=r"strategy 'greedy' returned an architecture of .* above the budget"):
+    with pytest.raises(
+        StrategyError, match=r"strategy 'greedy' returned an architecture of .* above the budget"
+    ):
         validate_result("greedy", ctx, _OverBudget().search(ctx))
     with pytest.raises(AssertionError, match="above the budget"):
         run_conformance(_OverBudget, models=("vit",))

@@ -80,7 +80,14 @@ def test_masks_are_removed() -> None:
 
 def test_soft_masks_are_differentiable() -> None:
     model, space = _setup("vit", True)
-    masks = {k: torch.full((d.heads, d.max_width) if d.heads > 1 or k.endswith(("qk", "v")) else (d.max_width,), 0.5, requires_grad=True) for k, d in space.dims.items()}
+    masks = {
+        k: torch.full(
+            (d.heads, d.max_width) if d.heads > 1 or k.endswith(("qk", "v")) else (d.max_width,),
+            0.5,
+            requires_grad=True,
+        )
+        for k, d in space.dims.items()
+    }
     with space.apply_masks(model, dict(masks)):
         model(torch.randn(2, *input_size("vit"))).sum().backward()
     assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in masks.values())

@@ -10,12 +10,30 @@ from nas_headprune.models.factory import create_model
 MODEL_ZOO = {
     "vit": (
         "vit_tiny_patch16_224",
-        dict(img_size=28, patch_size=4, in_chans=1, embed_dim=48, depth=2, num_heads=4, mlp_ratio=2, num_classes=10),
+        dict(
+            img_size=28,
+            patch_size=4,
+            in_chans=1,
+            embed_dim=48,
+            depth=2,
+            num_heads=4,
+            mlp_ratio=2,
+            num_classes=10,
+        ),
         (1, 28, 28),
     ),
     "vit_bias_wide": (
         "vit_small_patch16_224",
-        dict(img_size=32, patch_size=8, in_chans=3, embed_dim=96, depth=3, num_heads=6, num_classes=7, qkv_bias=True),
+        dict(
+            img_size=32,
+            patch_size=8,
+            in_chans=3,
+            embed_dim=96,
+            depth=3,
+            num_heads=6,
+            num_classes=7,
+            qkv_bias=True,
+        ),
         (3, 32, 32),
     ),
     "deit_distilled": (
@@ -25,7 +43,16 @@ MODEL_ZOO = {
     ),
     "swin": (
         "swin_tiny_patch4_window7_224",
-        dict(img_size=28, patch_size=2, in_chans=1, embed_dim=32, depths=(1, 2), num_heads=(2, 4), window_size=7, num_classes=10),
+        dict(
+            img_size=28,
+            patch_size=2,
+            in_chans=1,
+            embed_dim=32,
+            depths=(1, 2),
+            num_heads=(2, 4),
+            window_size=7,
+            num_classes=10,
+        ),
         (1, 28, 28),
     ),
 }

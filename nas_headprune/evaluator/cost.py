@@ -64,9 +64,7 @@ class CostReport:
             "params": plain(self.params),
             "fixed_macs": self.fixed_macs,
             "fixed_params": self.fixed_params,
-            "layers": {
-                k: {kk: plain(vv) for kk, vv in v.items()} for k, v in self.layers.items()
-            },
+            "layers": {k: {kk: plain(vv) for kk, vv in v.items()} for k, v in self.layers.items()},
         }
 
 

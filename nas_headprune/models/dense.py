@@ -24,8 +24,7 @@ def embedded_dir(name: str = "embedded") -> Path:
     path = Path(str(resources.files("nas_headprune") / "assets" / key))
     if not (path / "dense.json").is_file():
         raise UnknownNameError(
-            f"no embedded model {name!r} in {path.parent}; shipped: "
-            + ", ".join(sorted(EMBEDDED))
+            f"no embedded model {name!r} in {path.parent}; shipped: " + ", ".join(sorted(EMBEDDED))
         )
     return path
 

@@ -1,0 +1,76 @@
+"""The wheel carries the mapped packages, presets, entry points and the embedded model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from nas_headprune.registry import SPACE_GROUP, STRATEGY_GROUP, DuplicatePluginError, _entries
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_contents(tmp_path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    wheel = next(tmp_path.glob("nas_headprune-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in (
+        "nas_headprune/__init__.py",
+        "nas_headprune/py.typed",
+        "nas_headprune/strategies/magnitude.py",
+        "nas_headprune/spaces/timm_vit.py",
+        "nas_headprune/configs/default.yaml",
+        "nas_headprune/assets/vit_fmnist/model.safetensors",
+        "nas_headprune/assets/vit_fmnist/dense.json",
+    ):
+        assert expected in names, expected
+    assert not any(n.startswith(("strategies/", "spaces/", "configs/", "tests/")) for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert (
+        "[nas_headprune.strategies]" in text
+        and "magnitude = nas_headprune.strategies.magnitude:Magnitude" in text
+    )
+    assert "[nas_headprune.spaces]" in text
+
+
+def test_builtins_declared_as_entry_points() -> None:
+    assert {"magnitude", "random", "taylor"} <= set(_entries(STRATEGY_GROUP))
+    assert {"timm_attention", "timm_mlp", "timm_window_attention"} <= set(_entries(SPACE_GROUP))
+
+
+def test_duplicate_plugin_name_is_an_error(monkeypatch) -> None:
+    from importlib.metadata import EntryPoint
+
+    import nas_headprune.registry as registry
+
+    fake = [
+        EntryPoint("magnitude", "pkg_a.mod:A", STRATEGY_GROUP),
+        EntryPoint("magnitude", "pkg_b.mod:B", STRATEGY_GROUP),
+    ]
+    monkeypatch.setattr(registry, "entry_points", lambda group: [e for e in fake if e.group == group])
+    with pytest.raises(
+        DuplicatePluginError, match="'magnitude'.*published twice: pkg_a.mod:A and pkg_b.mod:B"
+    ):
+        registry.strategy_class("magnitude")
