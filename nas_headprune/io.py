@@ -67,6 +67,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, base: dict[str, 
         "input_size": meta["input_size"],
         "skip_unsupported": bool(meta.get("skipped")),
         "architecture": meta["architecture"],
+        "scaled": meta.get("scaled", []),
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     _replace_atomically(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
@@ -120,7 +121,17 @@ def load_pruned(directory: str | os.PathLike, map_location: str = "cpu") -> nn.M
         raise CheckpointError(
             f"architecture in {Path(directory) / ARCH_FILE} does not fit model {base['name']!r}: {exc}"
         ) from exc
-    pruned = materialize(model, space, selection)
+    import torch
+
+    scaled = record.get("scaled", [])
+    unknown = [label for label in scaled if label not in space.dims]
+    if unknown:
+        raise CheckpointError(
+            f"{Path(directory) / ARCH_FILE} names scales for unknown dimension {unknown[0]!r}"
+        )
+    # placeholder scales of 1 recreate explicit scale parameters; the weights file fills them in
+    ones = {label: torch.ones(space.dims[label].heads, space.dims[label].max_width) for label in scaled}
+    pruned = materialize(model, space, selection, scales=ones or None)
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")

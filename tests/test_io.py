@@ -87,3 +87,24 @@ def test_missing_dir(tmp_path) -> None:
 def test_save_needs_a_pruned_model(tmp_path) -> None:
     with pytest.raises(UsageError, match="needs a model returned by materialize"):
         save_pruned(make_model("vit"), tmp_path)
+
+
+def test_roundtrip_with_explicit_query_scales(tmp_path) -> None:
+    # linear attention keeps query reweight scales as a parameter (q_gamma); they must survive
+    model = make_model("flatten_swin")
+    space = build_space(model, input_size("flatten_swin"))
+    arch = space.sample(2)
+    gen = torch.Generator().manual_seed(2)
+    scores = {k: torch.rand(d.heads * d.max_width, generator=gen) for k, d in space.dims.items()}
+    scales = {
+        k: 0.5 + torch.rand(d.heads, d.max_width, generator=gen)
+        for k, d in space.dims.items()
+        if not k.endswith(":hidden")
+    }
+    pruned = materialize(model, space, space.selection_from_scores(scores, arch), scales=scales).eval()
+    assert any(getattr(m, "q_gamma", None) is not None for m in pruned.modules())
+    save_pruned(pruned, tmp_path / "m")
+    loaded = load_pruned(tmp_path / "m").eval()
+    x = torch.randn(2, *input_size("flatten_swin"))
+    with torch.no_grad():
+        assert torch.equal(pruned(x), loaded(x))

@@ -30,7 +30,9 @@ def _random_selection(space, seed: int):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-@pytest.mark.parametrize("key", ["vit", "vit_bias_wide", "deit_distilled", "swin"])
+@pytest.mark.parametrize(
+    "key", ["vit", "vit_bias_wide", "deit_distilled", "swin", "flatten_swin", "flatten_deit"]
+)
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1))
 def test_pruned_equals_masked(key: str, fused: bool, seed: int) -> None:
@@ -114,7 +116,7 @@ def test_materialize_rejects_bad_selection() -> None:
         materialize(model, space, rows)
 
 
-@pytest.mark.parametrize("key", ["vit", "swin"])
+@pytest.mark.parametrize("key", ["vit", "swin", "flatten_swin", "flatten_deit"])
 def test_folded_scales_equal_unfolded(key: str) -> None:
     model, space = _setup(key, False)
     selection = _random_selection(space, 11)

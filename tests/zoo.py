@@ -55,6 +55,10 @@ MODEL_ZOO = {
         ),
         (1, 28, 28),
     ),
+    # focused linear attention (stage 1) and timm window attention (stage 2) in one model
+    "flatten_swin": ("flatten_swin_mnist", dict(), (1, 28, 28)),
+    # focused linear attention with a class token
+    "flatten_deit": ("flatten_deit_mnist", dict(), (1, 28, 28)),
 }
 
 

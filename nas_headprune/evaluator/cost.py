@@ -26,13 +26,25 @@ def softmax_attention_macs(
 
 
 def linear_attention_macs(
-    tokens: int, embed_dim: int, out_dim: int, heads: int, d_qk: Any, d_v: Any, kernel_size: int
+    tokens: int,
+    embed_dim: int,
+    out_dim: int,
+    heads: int,
+    d_qk: Any,
+    d_v: Any,
+    kernel_size: int,
+    dwc_tokens: int | None = None,
 ) -> Any:
-    """Focused linear attention: projections, phi(K)^T V and phi(Q)(KV), normaliser, depthwise conv."""
+    """Focused linear attention: projections, phi(K)^T V and phi(Q)(KV), normaliser, depthwise conv.
+
+    ``dwc_tokens`` is the number of tokens on the spatial grid the depthwise conv runs over (all
+    tokens by default; a class token has no grid position and no conv term).
+    """
     projections = tokens * embed_dim * heads * (2 * d_qk + d_v) + tokens * heads * d_v * out_dim
     products = 2 * heads * tokens * d_qk * d_v
     normaliser = heads * tokens * d_qk
-    dwc = tokens * heads * d_v * kernel_size * kernel_size
+    grid = tokens if dwc_tokens is None else dwc_tokens
+    dwc = grid * heads * d_v * kernel_size * kernel_size
     return projections + products + normaliser + dwc
 
 

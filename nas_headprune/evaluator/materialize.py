@@ -121,6 +121,8 @@ def materialize(
             "architecture": arch.to_dict(),
             "input_size": list(space.input_size),
             "skipped": dict(space.skipped),
+            # dimensions given reweight scales: some adapters keep them as parameters (q_gamma)
+            "scaled": sorted(scales) if scales else [],
             "base": base_meta.get("base", getattr(model, BASE_ATTR, None)),
         },
     )
