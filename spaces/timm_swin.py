@@ -66,7 +66,8 @@ class PrunedWindowAttention(nn.Module):
             num_win = mask.shape[0]
             win_mask = mask.view(1, num_win, 1, n, n).expand(b_ // num_win, -1, heads, -1, -1)
             bias = bias + win_mask.reshape(-1, heads, n, n)  # (num_windows*B, H, M, M)
-        if self.fused_attn:
+        if self.fused_attn and (self.head_dim_qk == self.head_dim_v or x.is_cuda):
+            # the fused CPU kernel falls back to a slow path when q/k and v widths differ
             x = F.scaled_dot_product_attention(
                 q,
                 k,

@@ -53,7 +53,8 @@ class PrunedAttention(nn.Module):
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
         q, k, v = split_qkv(self.qkv(x), self.num_heads, self.head_dim_qk, self.head_dim_v)
-        if self.fused_attn:
+        if self.fused_attn and (self.head_dim_qk == self.head_dim_v or x.is_cuda):
+            # the fused CPU kernel falls back to a slow path when q/k and v widths differ
             x = F.scaled_dot_product_attention(
                 q,
                 k,
