@@ -1,0 +1,1 @@
+"""Evaluation: cost (analytic MACs), measure (independent count), materialize, fine-tune, metrics."""
