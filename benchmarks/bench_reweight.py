@@ -25,15 +25,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default="runs/bench_reweight")
     p.add_argument("--report", default="docs/results/reweight.md")
     args = p.parse_args(argv)
-    header = "| strategy | budget | " + " | ".join(f"top-1 {m} (%)" for m in MODES) + " | block error none -> lstsq |"
+    header = (
+        "| strategy | budget | "
+        + " | ".join(f"top-1 {m} (%)" for m in MODES)
+        + " | block error none -> lstsq |"
+    )
     lines = [header, "|" + " --- |" * (len(MODES) + 3)]
     for strategy in args.strategies:
         for budget in args.budgets:
             cells, err = [], ""
             for mode in MODES:
                 out = Path(args.root) / f"{strategy}-b{budget}-{mode.replace('+', '_')}"
-                cfg = load_config("default", [f"strategy={strategy}", f"budget={budget}", f"reweight.mode={mode}",
-                                              "finetune.epochs=0", "progress=false"])
+                cfg = load_config(
+                    "default",
+                    [
+                        f"strategy={strategy}",
+                        f"budget={budget}",
+                        f"reweight.mode={mode}",
+                        "finetune.epochs=0",
+                        "progress=false",
+                    ],
+                )
                 result = run_search(cfg, out)
                 cells.append(f"{result['pruned']['before_finetune']['top1']:.2f}")
                 if mode == "lstsq":
@@ -47,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/bench_reweight.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report.write_text(f"# Shared reweighting, before fine-tuning\n\nCommand: `{cmd.strip()}`\n\n"
-                      f"Dense top-1: {dense:.2f}%\n\n{table}\n")
+    report.write_text(
+        f"# Shared reweighting, before fine-tuning\n\nCommand: `{cmd.strip()}`\n\n"
+        f"Dense top-1: {dense:.2f}%\n\n{table}\n"
+    )
     return 0
 
 

@@ -31,10 +31,14 @@ def _fmt(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategies", nargs="+", default=["similarity_indicator", "magnitude", "taylor", "random"])
+    p.add_argument(
+        "--strategies", nargs="+", default=["similarity_indicator", "magnitude", "taylor", "random"]
+    )
     p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.7])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="extra dotted overrides for every trial")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="extra dotted overrides for every trial"
+    )
     p.add_argument("--root", default="runs/compare")
     p.add_argument("--report", default="docs/results/compare_strategies.md")
     args = p.parse_args(argv)
@@ -46,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
             before, after, ratio, secs = [], [], [], []
             for seed in args.seeds:
                 out = Path(args.root) / f"{strategy}-b{budget}-s{seed}"
-                overrides = [f"strategy={strategy}", f"budget={budget}", f"seed={seed}", "progress=false", *args.overrides]
+                overrides = [
+                    f"strategy={strategy}",
+                    f"budget={budget}",
+                    f"seed={seed}",
+                    "progress=false",
+                    *args.overrides,
+                ]
                 t0 = time.perf_counter()
                 try:
                     result = run_search(load_config("default", overrides), out)
@@ -58,9 +68,14 @@ def main(argv: list[str] | None = None) -> int:
                 after.append(result["pruned"]["after_finetune"]["top1"])
                 ratio.append(result["pruned"]["macs_ratio"])
                 dense = result["dense"]["top1"]
-                print(f"{strategy:>22} budget {budget} seed {seed}: top1 {after[-1]:.2f} "
-                      f"(before fine-tune {before[-1]:.2f}, dense {dense:.2f}), MACs {ratio[-1]:.3f}", flush=True)
-            rows.append((strategy, budget, len(after), _fmt(before), _fmt(after), _fmt([100 * r for r in ratio])))
+                print(
+                    f"{strategy:>22} budget {budget} seed {seed}: top1 {after[-1]:.2f} "
+                    f"(before fine-tune {before[-1]:.2f}, dense {dense:.2f}), MACs {ratio[-1]:.3f}",
+                    flush=True,
+                )
+            rows.append(
+                (strategy, budget, len(after), _fmt(before), _fmt(after), _fmt([100 * r for r in ratio]))
+            )
 
     lines = [
         "| strategy | budget | seeds | top-1 after reweight (%) | top-1 after fine-tune (%) | MACs (% of dense) |",
@@ -69,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     table = "\n".join(lines)
     print(table)
-    command = "python benchmarks/compare_strategies.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/compare_strategies.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     text = f"# Strategy comparison on the embedded Fashion-MNIST ViT\n\nCommand: `{command.strip()}`\n\n{table}\n"

@@ -11,6 +11,7 @@ Re-running the same command on the same folder resumes: a finished stage is not 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import platform
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 
 from nas_headprune import __version__
 from nas_headprune.config import RunConfig, validation_message
-from nas_headprune.errors import ConfigError, UsageError
+from nas_headprune.errors import ConfigError, StrategyError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         saved = json.loads(search_file.read_text())
         selection = space.selection(saved["selection"])
         scales = load_file(str(out / "search_scales.safetensors")) if saved.get("has_scales") else None
+        weights = load_file(str(out / "search_weights.safetensors")) if saved.get("has_weights") else None
         info, reported = saved["info"], saved.get("reported_macs")
         timings["search_s"] = saved["search_s"]
         log.info("search already finished; resuming from %s", search_file)
@@ -175,10 +177,14 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         selection, _ = validate_result(cfg.strategy, ctx, result)
         scales = {k: v.detach().cpu().contiguous() for k, v in (result.scales or {}).items()}
         info, reported = result.info, result.reported_macs
+        weights = {k: v.detach().cpu().contiguous() for k, v in (result.weights or {}).items()} or None
         if main:
             if scales:
                 with atomic_path(out / "search_scales.safetensors") as tmp:
                     save_file(scales, str(tmp))
+            if weights:
+                with atomic_path(out / "search_weights.safetensors") as tmp:
+                    save_file(weights, str(tmp))
             atomic_write_json(
                 search_file,
                 {
@@ -186,6 +192,7 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
                     "info": info,
                     "reported_macs": reported,
                     "has_scales": bool(scales),
+                    "has_weights": bool(weights),
                     "search_s": timings["search_s"],
                 },
             )
@@ -198,7 +205,16 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         pruned = load_pruned(out / "model").to(device)
         rw_report = json.loads((out / "reweight.json").read_text())
     else:
-        pruned = materialize(model, space, selection, scales=scales or None)
+        source = model
+        if weights:  # the strategy trained the weights with the architecture: prune those
+            source = copy.deepcopy(model)
+            try:
+                source.load_state_dict(weights)
+            except RuntimeError as exc:
+                raise StrategyError(
+                    f"strategy {cfg.strategy!r} returned weights that do not fit the model: {exc}"
+                ) from exc
+        pruned = materialize(source, space, selection, scales=scales or None)
         rw_report = reweight(model, pruned, space, calib, rw_cfg, device=device).to_dict()
         if main:
             save_pruned(

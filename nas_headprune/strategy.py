@@ -101,12 +101,16 @@ class SearchResult:
     fold into the pruned weights at materialisation (used by similarity_indicator).
     ``reported_macs`` (optional): the MACs the result really costs when it differs from the
     analytic cost of its architecture (e.g. padding of unbalanced heads).
+    ``weights`` (optional): a state dict for the dense model that the search trained (strategies
+    that learn weights jointly with the architecture); the evaluator materialises a copy of the
+    model holding these weights instead of the original ones.
     """
 
     selection: Selection | Mapping[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
     scales: dict[str, torch.Tensor] | None = None
     reported_macs: float | None = None
+    weights: dict[str, torch.Tensor] | None = None
 
 
 class Strategy(ABC):

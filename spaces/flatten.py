@@ -115,6 +115,14 @@ class FocusedLinearAttentionAdapter(SpaceAdapter):
             module.qkv.register_forward_hook(scale_queries),
         ]
 
+    def focused_features(
+        self, module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi(Q), phi(K) ``(B, H, N, d_qk)`` of ``module`` on its input ``x`` (for the
+        attention-difference initialisation of the similarity_indicator strategy)."""
+        phi_q, phi_k, _ = module.features(x)
+        return phi_q, phi_k
+
     def remove_masks(self, module: nn.Module) -> None:
         module.qk_mask = None
         module.v_mask = None

@@ -191,6 +191,29 @@ class FocusedLinearAttention(nn.Module):
             out = rearrange(self.dwc(img), "b (h d) y x -> b h (y x) d", h=self.num_heads)
         return F.pad(out, (0, 0, self.num_prefix_tokens, 0))  # (B, H, T, d_v)
 
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, C) -> phi(Q), phi(K) ``(B, H, T, d_qk)`` and V ``(B, H, T, d_v)``: the focused query
+        and key features (after ``q_gamma``, the positional encoding, ReLU, the scale, the qk mask and
+        the focusing function) and the values, split into heads."""
+        H, d_qk, d_v = self.num_heads, self.head_dim_qk, self.head_dim_v
+        q, k, v = self.qkv(x).split([H * d_qk, H * d_qk, H * d_v], dim=-1)  # (B, T, H*d_qk) x2, (B, T, H*d_v)
+        if self.q_gamma is not None:
+            q = q * self.q_gamma
+        k = k + self.positional_encoding
+        scale = F.softplus(self.scale)  # (1, 1, H*d_qk)
+        q = (F.relu(q) + EPS) / scale
+        k = (F.relu(k) + EPS) / scale
+        if self.qk_mask is not None:
+            m_qk = self._flat_mask(self.qk_mask, d_qk, "qk", q)
+            q = q * m_qk
+            k = k * m_qk
+        q = focus(q, self.focusing_factor)  # norms over all H*d_qk channels of a token
+        k = focus(k, self.focusing_factor)
+        q = rearrange(q, "b t (h d) -> b h t d", h=H)  # (B, H, T, d_qk)
+        k = rearrange(k, "b t (h d) -> b h t d", h=H)  # (B, H, T, d_qk)
+        v = rearrange(v, "b t (h d) -> b h t d", h=H)  # (B, H, T, d_v)
+        return q, k, v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -208,25 +231,8 @@ class FocusedLinearAttention(nn.Module):
                 f"FocusedLinearAttention built for {self.num_tokens} tokens "
                 f"({self.num_prefix_tokens} prefix + grid {self.grid_size}), got {T}"
             )
-        H, d_qk, d_v = self.num_heads, self.head_dim_qk, self.head_dim_v
-
-        q, k, v = self.qkv(x).split([H * d_qk, H * d_qk, H * d_v], dim=-1)  # (B, T, H*d_qk) x2, (B, T, H*d_v)
-        if self.q_gamma is not None:
-            q = q * self.q_gamma
-        k = k + self.positional_encoding
-        scale = F.softplus(self.scale)  # (1, 1, H*d_qk)
-        q = (F.relu(q) + EPS) / scale
-        k = (F.relu(k) + EPS) / scale
-        if self.qk_mask is not None:
-            m_qk = self._flat_mask(self.qk_mask, d_qk, "qk", q)
-            q = q * m_qk
-            k = k * m_qk
-        q = focus(q, self.focusing_factor)  # norms over all H*d_qk channels of a token
-        k = focus(k, self.focusing_factor)
-
-        q = rearrange(q, "b t (h d) -> b h t d", h=H)  # (B, H, T, d_qk)
-        k = rearrange(k, "b t (h d) -> b h t d", h=H)  # (B, H, T, d_qk)
-        v = rearrange(v, "b t (h d) -> b h t d", h=H)  # (B, H, T, d_v)
+        d_v = self.head_dim_v
+        q, k, v = self.features(x)  # (B, H, T, d_qk), (B, H, T, d_qk), (B, H, T, d_v)
 
         z = 1.0 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + EPS)  # (B, H, T, 1)
         kv = (k.transpose(-2, -1) * T**-0.5) @ (v * T**-0.5)  # (B, H, d_qk, d_v)
