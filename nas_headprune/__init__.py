@@ -24,12 +24,12 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
-if TYPE_CHECKING:  # pragma: no cover
-    from nas_headprune.evaluator.cost import analytic_cost
-    from nas_headprune.evaluator.materialize import materialize
-    from nas_headprune.evaluator.measure import measure_macs
-    from nas_headprune.io import load_pruned, save_pruned
-    from nas_headprune.space import Architecture, HeadSpace, Selection, build_space
+if TYPE_CHECKING:  # pragma: no cover  (names re-exported lazily by __getattr__)
+    from nas_headprune.evaluator.cost import analytic_cost  # noqa: F401
+    from nas_headprune.evaluator.materialize import materialize  # noqa: F401
+    from nas_headprune.evaluator.measure import measure_macs  # noqa: F401
+    from nas_headprune.io import load_pruned, save_pruned  # noqa: F401
+    from nas_headprune.space import Architecture, HeadSpace, Selection, build_space  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

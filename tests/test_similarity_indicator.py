@@ -8,6 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.layers import Mlp
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.data import DataLoader, TensorDataset
+
+from nas_headprune.errors import ArchitectureError, ConfigError
+from nas_headprune.evaluator.cost import analytic_cost, linear_attention_macs
+from nas_headprune.evaluator.materialize import materialize
+from nas_headprune.registry import make_strategy
+from nas_headprune.space import LayerSpace, build_space
 from nas_headprune.spaces._fused_qkv import FusedQkvAdapter
 from nas_headprune.spaces.timm_vit import TimmMlpAdapter
 from nas_headprune.strategies.similarity_indicator import (
@@ -21,17 +32,6 @@ from nas_headprune.strategies.similarity_indicator import (
     similarity_weights,
     weights_from_gram,
 )
-from timm.layers import Mlp
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.data import DataLoader, TensorDataset
-
-from nas_headprune.errors import ArchitectureError, ConfigError
-from nas_headprune.evaluator.cost import analytic_cost, linear_attention_macs
-from nas_headprune.evaluator.materialize import materialize
-from nas_headprune.registry import make_strategy
-from nas_headprune.space import LayerSpace, build_space
 from nas_headprune.strategy import SearchContext, validate_result
 from nas_headprune.testing import run_conformance, tiny_context
 
