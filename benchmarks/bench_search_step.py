@@ -28,11 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from nas_headprune.strategies.similarity_indicator import SimilarityIndicator  # noqa: E402
 
 from nas_headprune.evaluator.measure import measure_macs  # noqa: E402
 from nas_headprune.models.factory import create_model  # noqa: E402
 from nas_headprune.space import build_space  # noqa: E402
+from nas_headprune.strategies.similarity_indicator import SimilarityIndicator  # noqa: E402
 from nas_headprune.strategy import SearchContext  # noqa: E402
 
 SIZE = (1, 28, 28)
