@@ -377,8 +377,9 @@ def _progress(enabled: bool) -> Any:
 def _set_epoch(loader: Any, epoch: int, seed: int) -> None:
     """Make the epoch's data order a function of ``(seed, epoch)`` alone."""
     sampler = getattr(loader, "sampler", None)
-    if callable(getattr(sampler, "set_epoch", None)):
-        sampler.set_epoch(epoch)
+    set_epoch = getattr(sampler, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)  # DistributedSampler and friends
     for generator in (getattr(loader, "generator", None), getattr(sampler, "generator", None)):
         if isinstance(generator, torch.Generator):
             generator.manual_seed(seed + epoch)
