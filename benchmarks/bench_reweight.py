@@ -9,6 +9,7 @@ under ``runs/bench_reweight``. Prints a Markdown table and writes docs/results/r
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/bench_reweight.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python benchmarks/bench_reweight.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     report.write_text(
         f"# Shared reweighting, before fine-tuning\n\nCommand: `{cmd.strip()}`\n\n"
         f"Dense top-1: {dense:.2f}%\n\n{table}\n"

@@ -11,6 +11,7 @@ seeds of top-1 after reweighting and after fine-tuning) and writes it to ``--rep
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     table = "\n".join(lines)
     print(table)
-    command = "python benchmarks/compare_strategies.py " + " ".join(
+    command = "python benchmarks/compare_strategies.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
     report = Path(args.report)

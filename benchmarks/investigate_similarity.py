@@ -10,6 +10,7 @@ docs/results/investigate_similarity.md.
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/investigate_similarity.py " + " ".join(
+    cmd = "python benchmarks/investigate_similarity.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
     report.write_text(
