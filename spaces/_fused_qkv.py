@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -175,3 +176,34 @@ def new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
         if bias is not None:
             lin.bias.copy_(bias)
     return lin
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    fused: bool,
+    dropout: nn.Dropout,
+    bias: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """Softmax attention of q, k ``(B, H, N, d_qk)`` and v ``(B, H, N, d_v)`` -> ``(B, H, N, d_v)``.
+
+    ``bias`` is an additive (or boolean keep-) mask broadcastable to ``(B, H, N, N)``. The fused
+    path is skipped on the CPU when the q/k and v widths differ: its CPU kernel falls back to a
+    path slower than the plain matmuls then.
+    """
+    if fused and (q.shape[-1] == v.shape[-1] or q.is_cuda):
+        p = dropout.p if dropout.training else 0.0
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=p, is_causal=is_causal, scale=scale
+        )
+    attn = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+    if is_causal:
+        n = attn.shape[-1]
+        attn = attn + attn.new_full((n, n), float("-inf")).triu_(1)
+    elif bias is not None:
+        attn = attn.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else attn + bias
+    return dropout(attn.softmax(dim=-1)) @ v  # (B, H, N, d_v)

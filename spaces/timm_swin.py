@@ -4,14 +4,13 @@ position bias). The bias table is per head and heads are never removed, so it is
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from timm.models.swin_transformer import WindowAttention, get_relative_position_index
 from torch import nn
 
 from nas_headprune.space import LayerSpace
 
-from ._fused_qkv import FusedQkvAdapter, head_widths, new_linear, split_qkv
+from ._fused_qkv import FusedQkvAdapter, attend, head_widths, new_linear, split_qkv
 
 
 class PrunedWindowAttention(nn.Module):
@@ -66,20 +65,9 @@ class PrunedWindowAttention(nn.Module):
             num_win = mask.shape[0]
             win_mask = mask.view(1, num_win, 1, n, n).expand(b_ // num_win, -1, heads, -1, -1)
             bias = bias + win_mask.reshape(-1, heads, n, n)  # (num_windows*B, H, M, M)
-        if self.fused_attn and (self.head_dim_qk == self.head_dim_v or x.is_cuda):
-            # the fused CPU kernel falls back to a slow path when q/k and v widths differ
-            x = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=bias,
-                dropout_p=self.attn_drop.p if self.training else 0.0,
-                scale=self.scale,
-            )  # (B_, H, M, d_v)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # (B_, H, M, M)
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v  # (B_, H, M, d_v)
+        x = attend(
+            q, k, v, self.scale, fused=self.fused_attn, dropout=self.attn_drop, bias=bias
+        )  # (B_, H, M, d_v)
         x = rearrange(x, "b h n d -> b n (h d)")  # (B_, M, H*d_v)
         return self.proj_drop(self.proj(x))
 

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import Mlp
 from timm.layers.attention import Attention
@@ -16,7 +15,7 @@ from torch import nn
 from nas_headprune.evaluator.cost import mlp_macs
 from nas_headprune.space import DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
 
-from ._fused_qkv import FusedQkvAdapter, head_widths, new_linear, split_qkv
+from ._fused_qkv import FusedQkvAdapter, attend, head_widths, new_linear, split_qkv
 
 
 class PrunedAttention(nn.Module):
@@ -53,29 +52,16 @@ class PrunedAttention(nn.Module):
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
         q, k, v = split_qkv(self.qkv(x), self.num_heads, self.head_dim_qk, self.head_dim_v)
-        if self.fused_attn and (self.head_dim_qk == self.head_dim_v or x.is_cuda):
-            # the fused CPU kernel falls back to a slow path when q/k and v widths differ
-            x = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=attn_mask,
-                dropout_p=self.attn_drop.p if self.training else 0.0,
-                is_causal=is_causal,
-                scale=self.scale,
-            )  # (B, H, N, d_v)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-            if is_causal:
-                n = attn.shape[-1]
-                attn = attn + attn.new_full((n, n), float("-inf")).triu_(1)
-            elif attn_mask is not None:
-                if attn_mask.dtype == torch.bool:
-                    attn = attn.masked_fill(~attn_mask, float("-inf"))
-                else:
-                    attn = attn + attn_mask
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v  # (B, H, N, d_v)
+        x = attend(
+            q,
+            k,
+            v,
+            self.scale,
+            fused=self.fused_attn,
+            dropout=self.attn_drop,
+            bias=attn_mask,
+            is_causal=is_causal,
+        )  # (B, H, N, d_v)
         x = rearrange(x, "b h n d -> b n (h d)")  # (B, N, H*d_v)
         return self.proj_drop(self.proj(x))
 

@@ -42,8 +42,8 @@ def _example(model: nn.Module, input_size: tuple[int, ...]) -> torch.Tensor:
     return torch.zeros(1, *input_size, device=p.device if p is not None else "cpu")
 
 
-def measure_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
-    """Per-image MACs of ``model`` measured by FlopCounterMode (batch 1, eval mode)."""
+def _count(model: nn.Module, input_size: tuple[int, ...]) -> FlopCounterMode:
+    """Run ``model`` once at batch 1 in eval mode under a flop counter; return the counter."""
     was = model.training
     model.eval()
     try:
@@ -51,26 +51,20 @@ def measure_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
             model(_example(model, input_size))
     finally:
         model.train(was)
-    flops = fc.get_total_flops()
-    return flops // 2
+    return fc
+
+
+def measure_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """Per-image MACs of ``model`` measured by FlopCounterMode (batch 1, eval mode)."""
+    return _count(model, input_size).get_total_flops() // 2
 
 
 def measure_macs_by_module(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
     """Per-image MACs per module path (``""`` is the whole model), measured."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), _counter() as fc:
-            model(_example(model, input_size))
-    finally:
-        model.train(was)
     out: dict[str, int] = {}
-    for key, counts in fc.get_flop_counts().items():
+    for key, counts in _count(model, input_size).get_flop_counts().items():
         # keys look like "Global" and "<RootClass>.<path>"
-        if key == "Global":
-            path = ""
-        else:
-            _, _, path = key.partition(".")
+        path = "" if key == "Global" else key.partition(".")[2]
         out[path] = sum(counts.values()) // 2
     return out
 
