@@ -43,6 +43,7 @@ def test_wheel_contents(tmp_path) -> None:
         "nas_headprune/configs/default.yaml",
         "nas_headprune/assets/vit_fmnist/model.safetensors",
         "nas_headprune/assets/vit_fmnist/dense.json",
+        "nas_headprune/assets/flatten_fmnist/model.safetensors",
     ):
         assert expected in names, expected
     assert not any(n.startswith(("strategies/", "spaces/", "configs/", "tests/")) for n in names)
@@ -74,3 +75,15 @@ def test_duplicate_plugin_name_is_an_error(monkeypatch) -> None:
         DuplicatePluginError, match="'magnitude'.*published twice: pkg_a.mod:A and pkg_b.mod:B"
     ):
         registry.strategy_class("magnitude")
+
+
+def test_shipped_models_load() -> None:
+    import torch
+
+    from nas_headprune.models.dense import embedded_dir, load_dense
+
+    for name, family in (("embedded", "vit_tiny_patch16_224"), ("embedded_flatten", "flatten_swin_mnist")):
+        model, record = load_dense(embedded_dir(name))
+        assert record["name"] == family and record["test"]["top1"] > 80
+        with torch.no_grad():
+            assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)

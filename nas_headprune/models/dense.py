@@ -15,7 +15,7 @@ from torch import nn
 from nas_headprune.errors import CheckpointError, UnknownNameError
 
 DENSE_FORMAT = "nas-headprune/dense-model"
-EMBEDDED = {"embedded": "vit_fmnist", "embedded_vit": "vit_fmnist"}
+EMBEDDED = {"embedded": "vit_fmnist", "embedded_vit": "vit_fmnist", "embedded_flatten": "flatten_fmnist"}
 
 
 def embedded_dir(name: str = "embedded") -> Path:
