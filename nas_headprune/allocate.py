@@ -25,7 +25,8 @@ def _round_down(width: float, d: DimSpec) -> int:
     return max(min(w, d.max_width), d.min_width)
 
 
-def _check_reachable(space: HeadSpace, target: float) -> Architecture:
+def check_reachable(space: HeadSpace, target: float) -> Architecture:
+    """The smallest architecture of ``space``; :class:`BudgetError` if even it costs above ``target``."""
     smallest = Architecture({label: d.allowed()[0] for label, d in space.dims.items()})
     floor = float(analytic_cost(space, smallest).macs)
     if floor > target:
@@ -39,7 +40,7 @@ def _check_reachable(space: HeadSpace, target: float) -> Architecture:
 
 def uniform(space: HeadSpace, target: float) -> Architecture:
     """The largest single keep ratio r (width = r * dense width, rounded down to the step)."""
-    _check_reachable(space, target)
+    check_reachable(space, target)
 
     def at(r: float) -> Architecture:
         return Architecture({label: _round_down(r * d.max_width, d) for label, d in space.dims.items()})
@@ -71,7 +72,7 @@ def global_by_score_per_mac(
     space: HeadSpace, scores: Mapping[str, torch.Tensor], target: float
 ) -> Architecture:
     """Greedy: repeatedly narrow the dimension whose next step loses the least score per MAC saved."""
-    _check_reachable(space, target)
+    check_reachable(space, target)
     ranked = _normalised_sorted(space, scores)
     widths = {label: d.max_width for label, d in space.dims.items()}
     layer_of = {label: split_label(label)[0] for label in space.dims}

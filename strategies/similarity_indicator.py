@@ -43,13 +43,12 @@ from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
 
-from nas_headprune.allocate import BudgetError
+from nas_headprune.allocate import BudgetError, check_reachable
 from nas_headprune.atomic import atomic_path
 from nas_headprune.errors import ArchitectureError, CheckpointError, UsageError
 from nas_headprune.evaluator.cost import analytic_cost
 from nas_headprune.space import (
     QUERY_SCALE,
-    Architecture,
     DimSpec,
     HeadSpace,
     LayerSpace,
@@ -435,17 +434,6 @@ def dimension_masks(score: Tensor, spec: DimSpec, tau: float, balance: bool) -> 
     return hard.reshape(score.shape), (hard + through).reshape(score.shape), width_t
 
 
-def _reachable(space: HeadSpace, target: float) -> None:
-    smallest = Architecture({label: d.allowed()[0] for label, d in space.dims.items()})
-    floor = float(analytic_cost(space, smallest).macs)
-    if floor > target:
-        dense = float(analytic_cost(space).macs)
-        raise BudgetError(
-            f"budget of {target:.4g} MACs ({target / dense:.3f} of dense) cannot be met: the smallest "
-            f"architecture of this space costs {floor:.4g} MACs ({floor / dense:.3f} of dense)"
-        )
-
-
 def fit_budget(
     space: HeadSpace, scores: Mapping[str, Tensor], arch: Mapping[str, int], target: float
 ) -> tuple[dict[str, int], list[dict[str, Any]]]:
@@ -476,7 +464,7 @@ def fit_budget(
             key = lost / max(saved, _EPS)
             if best is None or key < best[0]:
                 best = (key, label, new_w, saved)
-        if best is None:  # pragma: no cover - excluded by _reachable
+        if best is None:  # pragma: no cover - excluded by check_reachable
             raise BudgetError("the budget cannot be met within the space's minimum widths")
         _, label, new_w, saved = best
         removed.append({"label": label, "from": widths[label], "to": new_w})
@@ -697,7 +685,7 @@ class SimilarityIndicator(Strategy):
         cfg = self.config
         assert isinstance(cfg, SimilarityIndicatorConfig)
         space = ctx.space.with_step(cfg.width_step, cfg.min_width)
-        _reachable(space, ctx.target_macs)
+        check_reachable(space, ctx.target_macs)
         dev = torch.device(ctx.device)
         forked = (
             [dev.index if dev.index is not None else torch.cuda.current_device()]
