@@ -20,9 +20,13 @@ DEFAULT_PRESET = "default"
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
     try:
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+        # logs go to stderr so that stdout carries only the command's result (JSON)
+        handler: logging.Handler = RichHandler(
+            console=Console(stderr=True), show_path=False, rich_tracebacks=False
+        )
     except ImportError:  # pragma: no cover
         handler = logging.StreamHandler()
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s")
@@ -73,6 +77,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="data overrides, e.g. data.test_subset=1000",
     )
+    a = sub.add_parser(
+        "ablate",
+        help="run a declared sweep of strategies, budgets, seeds and config variants (resumable)",
+    )
+    a.add_argument("file", help="ablation YAML file or preset name (e.g. fmnist_baselines)")
+    a.add_argument("--out", default=None, help="ablation folder (default: runs/ablate/<name>)")
+    a.add_argument("--workers", type=int, default=1, help="trials run in parallel worker processes")
+    a.add_argument("--shard", default=None, metavar="I/N", help="run only shard I of N (0-based)")
+    a.add_argument("--quick", action="store_true", help="apply the file's 'quick' section (a small run)")
+    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+    r = sub.add_parser("report", help="write the Markdown/CSV/PNG report of an ablation folder")
+    r.add_argument("dir", help="the output folder of `nas-headprune ablate`")
+    r.add_argument("--out", default=None, help="report folder (default: DIR/report)")
     return p
 
 
@@ -190,7 +209,56 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_line(argv: list[str] | None) -> str:
+    import shlex
+
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["nas-headprune", *args])
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from nas_headprune.ablate import load_spec, parse_shard, run_ablation
+    from nas_headprune.report import write_report
+
+    shard = parse_shard(args.shard)
+    spec = load_spec(args.file, quick=args.quick)
+    out = Path(args.out or f"runs/ablate/{spec.name}")
+    outcome = run_ablation(
+        spec,
+        out,
+        workers=args.workers,
+        shard=shard,
+        progress=not args.no_progress,
+        source=args.file,
+        command=args.command_line,
+    )
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "store": str(outcome.store),
+        "trials": outcome.total,
+        "already_finished": outcome.skipped,
+        "finished_now": outcome.done,
+        "failed": outcome.failed,
+    }
+    if outcome.failures:
+        summary["failures"] = {tid: err for tid, err in outcome.failures}
+    if not args.no_report and shard is None:
+        summary["report"] = write_report(out)["files"]
+    _print_json(summary)
+    return 1 if outcome.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from nas_headprune.report import write_report
+
+    written = write_report(args.dir, args.out, report_command=args.command_line)
+    _print_json(written)
+    return 0
+
+
 COMMANDS = {
+    "ablate": cmd_ablate,
+    "report": cmd_report,
     "search": cmd_search,
     "strategies": cmd_strategies,
     "config": cmd_config,
@@ -202,6 +270,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
+    args.command_line = _command_line(argv)
     _setup_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)

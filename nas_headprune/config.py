@@ -78,34 +78,37 @@ class RunConfig(BaseModel):
     progress: bool = True
 
 
-def preset_names() -> list[str]:
-    return sorted(
-        p.name[: -len(".yaml")]
-        for p in resources.files("nas_headprune.configs").iterdir()
-        if p.name.endswith(".yaml")
-    )
+def preset_names(subdir: str = "") -> list[str]:
+    folder = resources.files("nas_headprune.configs")
+    if subdir:
+        folder = folder / subdir
+        if not folder.is_dir():
+            return []
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def read_yaml(source: str) -> dict[str, Any]:
-    """A YAML file path or a preset name from ``nas_headprune.configs``; ``yaml.safe_load`` only."""
+def read_yaml(source: str, subdir: str = "", what: str = "config") -> dict[str, Any]:
+    """A YAML file path or a preset name from ``nas_headprune.configs`` (``/subdir``); ``yaml.safe_load``
+    only. ``what`` names the kind of file in error messages."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"config file {source!r} does not exist")
+            raise ConfigError(f"{what} file {source!r} does not exist")
         text = path.read_text()
     else:
-        candidate = resources.files("nas_headprune.configs") / f"{source}.yaml"
+        folder = resources.files("nas_headprune.configs")
+        candidate = (folder / subdir if subdir else folder) / f"{source}.yaml"
         if not candidate.is_file():
             raise ConfigError(
-                f"{source!r} is neither a config file nor a preset; presets: {', '.join(preset_names())}"
+                f"{source!r} is neither a {what} file nor a preset; presets: {', '.join(preset_names(subdir))}"
             )
         text = candidate.read_text()
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {source!r} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{what} {source!r} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"config {source!r} must be a mapping at the top level")
+        raise ConfigError(f"{what} {source!r} must be a mapping at the top level")
     return data
 
 
