@@ -268,3 +268,17 @@ def test_killed_ablation_resumes_with_the_missing_trials_only(tmp_path):
         assert after[tid] == (finished, attempts)  # untouched: neither re-run nor re-recorded
         assert (out / "runs" / tid / "result.json").stat().st_mtime_ns == mtimes[tid]
     assert (out / "report" / "report.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["fmnist_baselines", "components"])
+def test_quick_presets_run_end_to_end(preset, tmp_path, capsys):
+    out = tmp_path / preset
+    assert main(["ablate", preset, "--quick", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["failed"] == 0 and summary["finished_now"] == len(expand(load_spec(preset, quick=True)))
+    rows, _ = load_rows(out)
+    assert all(r["status"] == "done" and 0 < r["macs_ratio"] <= r["budget"] + 1e-9 for r in rows)
+    assert (out / "report" / "accuracy_vs_macs.png").stat().st_size > 1000
+    if preset == "components":
+        assert (out / "report" / "ablation.png").stat().st_size > 1000
