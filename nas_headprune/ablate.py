@@ -413,7 +413,8 @@ def run_ablation(
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
-    trials = shard_trials(expand(spec), shard)
+    every = expand(spec)
+    trials = shard_trials(every, shard)
     validate_trials(trials)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultsStore.open(out / store_name(shard), create=True)
@@ -424,7 +425,7 @@ def run_ablation(
         command=command,
         shard="" if shard is None else f"{shard[0]}/{shard[1]}",
     )
-    store.register(trials)
+    store.register(trials, all_ids=[t.trial_id for t in every])
     finished = store.finished_ids()
     todo = [t for t in trials if t.trial_id not in finished]
     outcome = AblationOutcome(

@@ -164,10 +164,17 @@ class ResultsStore:
         return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
 
     # ----------------------------------------------------------------------- trials
-    def register(self, trials: Iterable[Any]) -> None:
-        """Insert new trials as pending; a finished trial whose overrides changed is an error."""
+    def register(self, trials: Iterable[Any], all_ids: Iterable[str] | None = None) -> None:
+        """Insert new trials as pending; a finished trial whose overrides changed is an error.
+
+        With ``all_ids`` (every trial of the ablation, all shards), unfinished rows of trials the
+        ablation no longer declares are dropped; finished ones stay, they are results."""
         rows = {r["trial_id"]: r for r in self.conn.execute("SELECT trial_id, overrides, status FROM trials")}
         with self.conn:
+            if all_ids is not None:
+                keep = set(all_ids)
+                gone = [(tid,) for tid, r in rows.items() if tid not in keep and r["status"] != "done"]
+                self.conn.executemany("DELETE FROM trials WHERE trial_id = ?", gone)
             for t in trials:
                 overrides = json.dumps(list(t.overrides))
                 old = rows.get(t.trial_id)

@@ -282,3 +282,12 @@ def test_quick_presets_run_end_to_end(preset, tmp_path, capsys):
     assert (out / "report" / "accuracy_vs_macs.png").stat().st_size > 1000
     if preset == "components":
         assert (out / "report" / "ablation.png").stat().st_size > 1000
+
+
+def test_trials_dropped_from_the_file_leave_the_store_unless_finished(tmp_path):
+    store = ResultsStore.open(tmp_path / "x.sqlite", create=True)
+    store.register(expand(tiny_spec(seeds=[0, 1, 2])))
+    store.record("magnitude-b0.5-base-s2", {"status": "done", "started": 0.0, "finished": 1.0})
+    store.register(expand(tiny_spec(seeds=[0])), all_ids=["magnitude-b0.5-base-s0"])
+    assert [r["trial_id"] for r in store.rows()] == ["magnitude-b0.5-base-s0", "magnitude-b0.5-base-s2"]
+    store.close()
