@@ -137,7 +137,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, str], report_command: s
         out.write("\n## Trials that did not finish\n\n")
         out.write("| trial | status | attempts | error |\n| --- | --- | --- | --- |\n")
         for r in bad:
-            err = (r.get("error") or ("interrupted" if r["status"] == "running" else "not run yet")).replace(
+            err = (r.get("error") or ("running, or interrupted" if r["status"] == "running" else "not run yet")).replace(
                 "|", "\\|"
             )
             err = " ".join(err.split())
