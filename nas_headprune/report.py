@@ -137,9 +137,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, str], report_command: s
         out.write("\n## Trials that did not finish\n\n")
         out.write("| trial | status | attempts | error |\n| --- | --- | --- | --- |\n")
         for r in bad:
-            err = (r.get("error") or ("running, or interrupted" if r["status"] == "running" else "not run yet")).replace(
-                "|", "\\|"
-            )
+            err = (
+                r.get("error") or ("running, or interrupted" if r["status"] == "running" else "not run yet")
+            ).replace("|", "\\|")
             err = " ".join(err.split())
             out.write(f"| {r['trial_id']} | {r['status']} | {r['attempts']} | {err} |\n")
     out.write("\nFiles: `trials.csv` (one row per trial), `accuracy_vs_macs.png`")
