@@ -69,6 +69,21 @@ def _fmt(values: list[float], digits: int = 2) -> str:
     return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
 
 
+def _dense_top1(rows: list[dict[str, Any]]) -> list[float]:
+    """The dense model's top-1 as recorded by every finished trial."""
+    return [r["top1_dense"] for r in rows if r["status"] == "done" and r.get("top1_dense") is not None]
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def group_rows(rows: list[dict[str, Any]]) -> list[Group]:
     groups: OrderedDict[tuple[str, float, str], Group] = OrderedDict()
     for r in rows:
@@ -97,7 +112,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, str], report_command: s
         "MACs and parameters are measured on the pruned model, as % of the dense model. Speedup is the "
         "measured throughput ratio pruned/dense of that trial.\n\n"
     )
-    dense = [r["top1_dense"] for r in rows if r["status"] == "done" and r.get("top1_dense") is not None]
+    dense = _dense_top1(rows)
     if dense:
         out.write(f"Dense model top-1: {statistics.mean(dense):.2f}%.\n\n")
     groups = group_rows(rows)
@@ -162,11 +177,7 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def plot_accuracy_vs_macs(rows: list[dict[str, Any]], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     series: OrderedDict[str, list[Group]] = OrderedDict()
     variants = _variants(rows)
     for g in group_rows(rows):
@@ -192,7 +203,7 @@ def plot_accuracy_vs_macs(rows: list[dict[str, Any]], path: Path) -> bool:
             label=label,
         )
         drawn = True
-    dense = [r["top1_dense"] for r in rows if r["status"] == "done" and r.get("top1_dense") is not None]
+    dense = _dense_top1(rows)
     if dense:
         ax.axhline(statistics.mean(dense), color="grey", linestyle="--", linewidth=1, label="dense")
     ax.set_xlabel("MACs of the pruned model (% of dense)")
@@ -206,11 +217,7 @@ def plot_accuracy_vs_macs(rows: list[dict[str, Any]], path: Path) -> bool:
 
 
 def plot_ablation(rows: list[dict[str, Any]], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     groups = group_rows(rows)
     variants = _variants(rows)
     if len(variants) < 2:

@@ -129,6 +129,7 @@ class _NniSearch(Strategy):
         raise NotImplementedError
 
     def search(self, ctx: SearchContext) -> SearchResult:
+        from rich.console import Console
         from rich.progress import Progress
 
         from nas_headprune.allocate import BudgetError
@@ -176,7 +177,10 @@ class _NniSearch(Strategy):
         )
         engine = SequentialExecutionEngine(max_model_count=cfg.trials)
         nni_strategy = self._nni_strategy(seed)
-        with Progress(disable=not ctx.progress, transient=True) as bar, _quiet_trials():
+        with (
+            Progress(disable=not ctx.progress, transient=True, console=Console(stderr=True)) as bar,
+            _quiet_trials(),
+        ):
             task = bar.add_task(f"{self.name} search", total=cfg.trials)
             nni_strategy(model_space, engine)
         if not trials:

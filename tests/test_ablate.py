@@ -119,6 +119,14 @@ def test_presets_validate_and_have_a_quick_version(preset):
 # ------------------------------------------------------------------------------------- store
 
 
+def _sqlite(path: Path, *statements: str) -> None:
+    con = sqlite3.connect(path)
+    for statement in statements:
+        con.execute(statement)
+    con.commit()
+    con.close()
+
+
 def test_corrupt_and_foreign_stores_give_clear_errors(tmp_path, capsys):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
@@ -128,21 +136,18 @@ def test_corrupt_and_foreign_stores_give_clear_errors(tmp_path, capsys):
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    con = sqlite3.connect(foreign / "results.sqlite")
-    con.execute("CREATE TABLE users (name TEXT)")
-    con.commit()
-    con.close()
+    _sqlite(foreign / "results.sqlite", "CREATE TABLE users (name TEXT)")
     with pytest.raises(StoreError, match="not a nas-headprune results store.*users"):
         load_rows(foreign)
 
     other_app = tmp_path / "other"
     other_app.mkdir()
-    con = sqlite3.connect(other_app / "results.sqlite")
-    con.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
-    con.execute("CREATE TABLE trials (trial_id TEXT)")
-    con.execute("INSERT INTO meta VALUES ('app', 'something-else')")
-    con.commit()
-    con.close()
+    _sqlite(
+        other_app / "results.sqlite",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+        "CREATE TABLE trials (trial_id TEXT)",
+        "INSERT INTO meta VALUES ('app', 'something-else')",
+    )
     with pytest.raises(StoreError, match="another application.*something-else"):
         ResultsStore.open(other_app / "results.sqlite")
 
