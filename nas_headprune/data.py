@@ -28,7 +28,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -388,7 +388,7 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[Dataset, Dataset, Dataset, tuple
     def build(folder: Path, transform: object, class_map: dict[str, int] | None) -> Dataset:
         try:
             return create_dataset(
-                "", root=str(folder), search_split=False, class_map=class_map, transform=transform
+                "", root=str(folder), search_split=False, class_map=class_map or {}, transform=transform
             )
         except RuntimeError as exc:  # timm: "Found 0 images in subfolders of ..."
             raise DataNotFoundError(f"imagefolder: {exc}") from exc
@@ -435,6 +435,8 @@ def _take(ds: Dataset, idx: torch.Tensor | None) -> Dataset:
 
 def load_datasets(cfg: DataConfig, seed: int = 0) -> DataBundle:
     """Load the dataset named by ``cfg`` and apply the seeded ``train_subset`` / ``test_subset``."""
+    train: Dataset
+    test: Dataset
     train_eval: Dataset | None = None
     if cfg.name == "fashion_mnist":
         train, test = _load_fashion_mnist(cfg)
@@ -487,14 +489,14 @@ def make_loaders(
     needed; call ``train_loader.sampler.set_epoch(epoch)`` each epoch). The test loader is never
     shuffled and never sharded: every process evaluates the whole test set.
     """
-    common = {
+    common: dict[str, Any] = {
         "num_workers": cfg.num_workers,
         "persistent_workers": cfg.num_workers > 0,
     }
     if distributed:
         from torch.utils.data.distributed import DistributedSampler
 
-        sampler = DistributedSampler(bundle.train, shuffle=True, seed=seed)
+        sampler: DistributedSampler[Any] = DistributedSampler(bundle.train, shuffle=True, seed=seed)
         train_loader = DataLoader(
             bundle.train,
             batch_size=cfg.batch_size,

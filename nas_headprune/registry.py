@@ -12,9 +12,12 @@ import importlib
 import logging
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nas_headprune.errors import ConfigError, UnknownNameError, UsageError
+
+if TYPE_CHECKING:
+    from nas_headprune.strategy import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ def space_adapters() -> list[Any]:
     return adapters
 
 
-def strategy_class(name: str) -> type:
+def strategy_class(name: str) -> type[Strategy]:
     """The strategy class registered as ``name`` (or ``package.module:Class``)."""
     from nas_headprune.strategy import Strategy
 

@@ -110,7 +110,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, str], report_command: s
     out.write(
         "Top-1 is on the test split (%); mean ± standard deviation over the seeds that finished. "
         "MACs and parameters are measured on the pruned model, as % of the dense model. Speedup is the "
-        "measured throughput ratio pruned/dense of that trial.\n\n"
+        "measured throughput ratio pruned/dense of that trial (timed while other trials may share the "
+        "machine). Search s is the search time recorded with the search result; trial s is the wall "
+        "time of the attempt that finished the trial, so a retried trial that resumed a finished "
+        "search can take less than its search.\n\n"
     )
     dense = _dense_top1(rows)
     if dense:

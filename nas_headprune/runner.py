@@ -107,7 +107,7 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     strategy = make_strategy(cfg.strategy, cfg.strategy_options)  # config errors before any work
     ft_cfg = _sub(ft.FinetuneConfig, cfg.finetune, "finetune")
     rw_cfg = _sub(ReweightConfig, cfg.reweight, "reweight")
-    device = resolve_device(cfg.device)
+    device: str | torch.device = resolve_device(cfg.device)
     rank, world, dist_device = ft.init_distributed_from_env()
     if world > 1:
         device = dist_device
@@ -155,7 +155,7 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         dense_macs=dense_macs,
         calib=calib,
         seed=cfg.seed,
-        device=device,
+        device=str(device),
         train_loader=train_loader,
         work_dir=out / "search_state",
         progress=cfg.progress and main,
@@ -310,7 +310,7 @@ def run_train(cfg: Any, out: str | Path) -> dict[str, Any]:
     out = Path(out)
     data_cfg = _sub(data_mod.DataConfig, cfg.data, "data")
     train_cfg = _sub(ft.FinetuneConfig, cfg.train, "train")
-    device = resolve_device(cfg.device)
+    device: str | torch.device = resolve_device(cfg.device)
     rank, world, dist_device = ft.init_distributed_from_env()
     if world > 1:
         device = dist_device

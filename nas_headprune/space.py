@@ -573,9 +573,9 @@ def build_space(
         if owner is None:
             cls = type(module).__name__
             if name and any(cls.endswith(g) for g in _GENERIC_NAMES):
-                reason = f"no space adapter knows {cls}"
-                refused.append(f"{name} ({cls}: {reason})")
-                skipped[name] = reason
+                unknown = f"no space adapter knows {cls}"
+                refused.append(f"{name} ({cls}: {unknown})")
+                skipped[name] = unknown
                 inside.append(name)
             continue
         inside.append(name)
@@ -659,7 +659,7 @@ def _module_macs(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
     k = 1
     for s in mod.kernel_size:  # type: ignore[union-attr]
         k *= s
-    return out.numel() * (mod.in_channels // mod.groups) * k  # type: ignore[operator]
+    return int(out.numel() * (mod.in_channels // mod.groups) * k)  # type: ignore[operator]
 
 
 def _measure_submodules(model: nn.Module, input_size: tuple[int, ...], names: list[str]) -> int:

@@ -95,10 +95,10 @@ def analytic_cost(
     per_layer: dict[str, dict[str, Any]] = {}
     widths: dict[str, dict[str, Any]] = {name: {} for name in space.layers}
     for label, value in arch.items():
-        layer, kind = split_label(label)
-        if layer not in widths:
+        layer_name, kind = split_label(label)
+        if layer_name not in widths:
             space.layer_of(label)  # raises with the known labels
-        widths[layer][kind] = value
+        widths[layer_name][kind] = value
     total_macs: Any = space.fixed_macs
     total_params: Any = space.fixed_params
     for name, layer in space.layers.items():

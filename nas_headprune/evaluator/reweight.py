@@ -50,7 +50,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -263,7 +263,7 @@ def _fit_lstsq(
     images_per_batch = [_images(b).shape[0] for b in batches]
     most = 0
     for name, cons in names.items():
-        linear = pruned.get_submodule(cons)
+        linear = cast(nn.Linear, pruned.get_submodule(cons))
         has_bias = linear.bias is not None
         per_image = space.layers[name].meta.get("tokens")
         total = sum(images_per_batch) * per_image if per_image else None
@@ -331,7 +331,7 @@ def _fit_scales(
     device: str | torch.device,
 ) -> bool:
     """Train per-input-channel scales of every consumer, fold them if they help; True if folded."""
-    linears = {name: pruned.get_submodule(cons) for name, cons in names.items()}
+    linears = {name: cast(nn.Linear, pruned.get_submodule(cons)) for name, cons in names.items()}
     scales = {
         name: torch.ones(
             lin.in_features, dtype=lin.weight.dtype, device=lin.weight.device, requires_grad=True

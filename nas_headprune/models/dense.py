@@ -63,6 +63,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     from safetensors.torch import load_file
 
     path = Path(path)
+    state: Any
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
