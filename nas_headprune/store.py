@@ -204,6 +204,8 @@ class ResultsStore:
                         "UPDATE trials SET overrides = ?, base = ?, idx = ? WHERE trial_id = ?",
                         (overrides, t.base, t.index, t.trial_id),
                     )
+                else:  # the same trial, maybe at another place in an edited file: the report follows it
+                    self.conn.execute("UPDATE trials SET idx = ? WHERE trial_id = ?", (t.index, t.trial_id))
 
     def finished_ids(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT trial_id FROM trials WHERE status = 'done'")}

@@ -93,6 +93,11 @@ class SimilarityIndicatorConfig(StrategyConfig):
         "tau + init_margin * normalise(D); softmax layers always start at 1.0",
     )
     init_margin: float = Field(0.5, ge=0, description="3.5 margin of the attention-difference initialisation")
+    init_scale: Literal["minmax", "rank"] = Field(
+        "minmax",
+        description="3.5 normalise(D) over the layer: min-max scaled to [0, 1], or the channel's rank "
+        "spread evenly over [0, 1] (robust to a D dominated by a few channels)",
+    )
     init_query_tokens: int = Field(
         256, ge=1, description="3.5 query tokens sampled per image for the attention difference"
     )
@@ -327,11 +332,22 @@ def attention_difference_scores(
     return (diff.sum((0, 2)) / total.clamp_min(_EPS)).sqrt().float()  # (H, d)
 
 
-def indicator_init_from_difference(diff: Tensor, tau: float, margin: float) -> Tensor:
-    """``m0 = tau + margin * normalise(D)``, ``D`` rescaled to [0, 1] over the whole layer (all 1 when
-    every channel has the same ``D``)."""
+def indicator_init_from_difference(
+    diff: Tensor, tau: float, margin: float, scale: Literal["minmax", "rank"] = "minmax"
+) -> Tensor:
+    """``m0 = tau + margin * normalise(D)`` over the whole layer (all 1 when every channel has the
+    same ``D``). ``minmax`` rescales ``D`` to [0, 1]; ``rank`` puts the channel with the i-th smallest
+    ``D`` at ``i / (n - 1)`` (equal values share their mean rank)."""
     lo, hi = diff.min(), diff.max()
-    norm = (diff - lo) / (hi - lo) if hi > lo else torch.ones_like(diff)
+    if not hi > lo:
+        norm = torch.ones_like(diff)
+    elif scale == "minmax":
+        norm = (diff - lo) / (hi - lo)
+    else:
+        flat = diff.flatten().double()
+        below = (flat.unsqueeze(1) > flat.unsqueeze(0)).sum(1).double()  # values strictly smaller
+        ties = (flat.unsqueeze(1) == flat.unsqueeze(0)).sum(1).double()  # itself included
+        norm = ((below + (ties - 1) / 2) / (flat.numel() - 1)).reshape(diff.shape)
     return (tau + margin * norm).float()
 
 
@@ -379,7 +395,7 @@ def _attention_difference_init(
         phi_k = torch.cat([p[1] for p in pairs])  # (B, H, N, d)
         gen = ctx.torch_generator(f"similarity_indicator:init:{label}")
         diff = attention_difference_scores(phi_q, phi_k, cfg.init_query_tokens, generator=gen)
-        out[f"{label}:qk"] = indicator_init_from_difference(diff, cfg.tau, cfg.init_margin)
+        out[f"{label}:qk"] = indicator_init_from_difference(diff, cfg.tau, cfg.init_margin, cfg.init_scale)
         log.info(
             "%s: qk indicators initialised from the attention difference (D in [%.3g, %.3g])",
             label,

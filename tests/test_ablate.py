@@ -296,3 +296,16 @@ def test_trials_dropped_from_the_file_leave_the_store_unless_finished(tmp_path):
     store.register(expand(tiny_spec(seeds=[0])), all_ids=["magnitude-b0.5-base-s0"])
     assert [r["trial_id"] for r in store.rows()] == ["magnitude-b0.5-base-s0", "magnitude-b0.5-base-s2"]
     store.close()
+
+
+def test_a_variant_added_in_the_middle_is_reported_in_file_order(tmp_path):
+    def spec(names: list[str]) -> AblationSpec:
+        return tiny_spec(seeds=[0], variants=[{"name": n, "set": {"seed": 0}} for n in names])
+
+    store = ResultsStore.open(tmp_path / "x.sqlite", create=True)
+    store.register(expand(spec(["a", "c"])))
+    for tid in ("magnitude-b0.5-a-s0", "magnitude-b0.5-c-s0"):
+        store.record(tid, {"status": "done", "started": 0.0, "finished": 1.0})
+    store.register(expand(spec(["a", "b", "c"])))
+    assert [r["variant"] for r in store.rows()] == ["a", "b", "c"]
+    store.close()

@@ -429,6 +429,20 @@ def test_attention_difference_zero_channel_and_init() -> None:
     assert torch.equal(indicator_init_from_difference(torch.ones(2, 3), 0.5, 0.4), torch.full((2, 3), 0.9))
 
 
+def test_rank_scaled_init_spreads_a_skewed_difference() -> None:
+    # one channel dominates D: min-max leaves the rest near tau, rank spreads them over the margin
+    diff = torch.tensor([[0.1, 5.0, 0.1], [0.2, 0.3, 0.0]])
+    minmax = indicator_init_from_difference(diff, 0.5, 0.5)
+    ranked = indicator_init_from_difference(diff, 0.5, 0.5, scale="rank")
+    assert (minmax.flatten().sort().values[:5] < 0.531).all()
+    # sorted D: 0.0, 0.1, 0.1, 0.2, 0.3, 5.0 -> ranks 0, 1.5, 1.5, 3, 4, 5 over 5
+    expected = torch.tensor([[0.65, 1.0, 0.65], [0.8, 0.9, 0.5]])
+    torch.testing.assert_close(ranked, expected)
+    assert torch.equal(
+        indicator_init_from_difference(torch.ones(2, 3), 0.5, 0.4, scale="rank"), torch.full((2, 3), 0.9)
+    )
+
+
 class _MaxTensor(TorchDispatchMode):
     """Records the largest tensor any op produces."""
 
