@@ -9,7 +9,7 @@ Parameter layout (timm ``Attention`` and ``WindowAttention``, and the pruned mod
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +22,12 @@ from nas_headprune.space import QUERY_SCALE, DimSpec, LayerSpace, MaskSet, Slot,
 
 def head_widths(module: nn.Module) -> tuple[int, int, int]:
     """``(H, d_qk, d_v)`` of a dense timm module or a pruned one."""
-    heads = module.num_heads
-    d_qk = getattr(module, "head_dim_qk", None)
-    d_v = getattr(module, "head_dim_v", None)
+    heads = cast(int, module.num_heads)
+    d_qk: int | None = getattr(module, "head_dim_qk", None)
+    d_v: int | None = getattr(module, "head_dim_v", None)
     if d_qk is None:
-        d_qk = d_v = module.qkv.out_features // (3 * heads)
+        d_qk = d_v = cast(nn.Linear, module.qkv).out_features // (3 * heads)
+    assert d_v is not None  # a pruned module sets both widths
     return heads, d_qk, d_v
 
 
@@ -36,24 +37,25 @@ class FusedQkvAdapter(SpaceAdapter):
     kind = "attention"
 
     def input_dim(self, module: nn.Module) -> int:
-        return module.qkv.in_features
+        return cast(nn.Linear, module.qkv).in_features
 
     def _meta(self, module: nn.Module, tokens: int, kv_tokens: int) -> dict[str, Any]:
         heads, d_qk, d_v = head_widths(module)
+        qkv, proj = cast(nn.Linear, module.qkv), cast(nn.Linear, module.proj)
         dense_params = (
-            module.qkv.weight.numel()
-            + (module.qkv.bias.numel() if module.qkv.bias is not None else 0)
-            + module.proj.weight.numel()
-            + (module.proj.bias.numel() if module.proj.bias is not None else 0)
+            qkv.weight.numel()
+            + (qkv.bias.numel() if qkv.bias is not None else 0)
+            + proj.weight.numel()
+            + (proj.bias.numel() if proj.bias is not None else 0)
         )
         return {
             "attention": "softmax",
             "tokens": tokens,
             "kv_tokens": kv_tokens,
-            "embed_dim": module.qkv.in_features,
-            "out_dim": module.proj.out_features,
-            "qkv_bias": module.qkv.bias is not None,
-            "proj_bias": module.proj.bias is not None,
+            "embed_dim": qkv.in_features,
+            "out_dim": proj.out_features,
+            "qkv_bias": qkv.bias is not None,
+            "proj_bias": proj.bias is not None,
             # parameters the widths do not touch (e.g. a relative position bias table)
             "extra_params": sum(p.numel() for p in module.parameters()) - dense_params,
         }
@@ -105,8 +107,8 @@ class FusedQkvAdapter(SpaceAdapter):
             return (x * flat, *args[1:])
 
         return [
-            module.qkv.register_forward_hook(mask_qk),
-            module.proj.register_forward_pre_hook(mask_v),
+            cast(nn.Linear, module.qkv).register_forward_hook(mask_qk),
+            cast(nn.Linear, module.proj).register_forward_pre_hook(mask_v),
         ]
 
     def fold_scales(

@@ -15,7 +15,7 @@ folded through the focusing nonlinearity and stay as the pruned module's ``q_gam
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from einops import rearrange
@@ -44,23 +44,24 @@ class FocusedLinearAttentionAdapter(SpaceAdapter):
         return type(module) is FocusedLinearAttention
 
     def input_dim(self, module: nn.Module) -> int:
-        return module.qkv.in_features
+        return cast(FocusedLinearAttention, module).qkv.in_features
 
     def describe(self, label: str, module: nn.Module, tokens: int) -> LayerSpace:
-        heads, d_qk, d_v = module.num_heads, module.head_dim_qk, module.head_dim_v
-        k = module.kernel_size
+        attn = cast(FocusedLinearAttention, module)
+        heads, d_qk, d_v = attn.num_heads, attn.head_dim_qk, attn.head_dim_v
+        k = attn.kernel_size
         meta = {
             "attention": "linear",
             "tokens": tokens,
-            "grid_tokens": module.grid_size[0] * module.grid_size[1],
-            "num_prefix_tokens": module.num_prefix_tokens,
-            "embed_dim": module.qkv.in_features,
-            "out_dim": module.proj.out_features,
-            "qkv_bias": module.qkv.bias is not None,
+            "grid_tokens": attn.grid_size[0] * attn.grid_size[1],
+            "num_prefix_tokens": attn.num_prefix_tokens,
+            "embed_dim": attn.qkv.in_features,
+            "out_dim": attn.proj.out_features,
+            "qkv_bias": attn.qkv.bias is not None,
             "kernel_size": k,
-            "dwc_kernels": module.dwc_kernels,
+            "dwc_kernels": attn.dwc_kernels,
             "dense_widths": [d_qk, d_v],
-            "q_gamma": module.q_gamma is not None,
+            "q_gamma": attn.q_gamma is not None,
         }
         dims = {
             "qk": DimSpec(dim_label(label, "qk"), "qk", heads, d_qk),
@@ -98,7 +99,7 @@ class FocusedLinearAttentionAdapter(SpaceAdapter):
         qk_label, v_label = layer.dims["qk"].label, layer.dims["v"].label
         heads, d_qk = layer.dims["qk"].heads, layer.dims["qk"].max_width
 
-        def set_masks(mod: nn.Module, args: tuple) -> None:
+        def set_masks(mod: FocusedLinearAttention, args: tuple) -> None:
             mod.qk_mask = masks.get(qk_label)
             mod.v_mask = masks.get(v_label)
 
@@ -110,9 +111,10 @@ class FocusedLinearAttentionAdapter(SpaceAdapter):
             q, rest = out.split([heads * d_qk, out.shape[-1] - heads * d_qk], dim=-1)
             return torch.cat([q * flat, rest], dim=-1)
 
+        attn = cast(FocusedLinearAttention, module)
         return [
-            module.register_forward_pre_hook(set_masks),
-            module.qkv.register_forward_hook(scale_queries),
+            attn.register_forward_pre_hook(set_masks),
+            attn.qkv.register_forward_hook(scale_queries),
         ]
 
     def focused_features(
@@ -120,12 +122,13 @@ class FocusedLinearAttentionAdapter(SpaceAdapter):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """phi(Q), phi(K) ``(B, H, N, d_qk)`` of ``module`` on its input ``x`` (for the
         attention-difference initialisation of the similarity_indicator strategy)."""
-        phi_q, phi_k, _ = module.features(x)
+        phi_q, phi_k, _ = cast(FocusedLinearAttention, module).features(x)
         return phi_q, phi_k
 
     def remove_masks(self, module: nn.Module) -> None:
-        module.qk_mask = None
-        module.v_mask = None
+        attn = cast(FocusedLinearAttention, module)
+        attn.qk_mask = None
+        attn.v_mask = None
 
     def fold_scales(
         self,
@@ -148,29 +151,31 @@ class FocusedLinearAttentionAdapter(SpaceAdapter):
     def build_pruned(
         self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]
     ) -> nn.Module:
+        attn = cast(FocusedLinearAttention, module)
         dense_v = widths["v"] == layer.dims["v"].max_width
-        keep_shared = dense_v and module.dwc_kernels == "shared"  # dense v: every head keeps 0..d-1
+        keep_shared = dense_v and attn.dwc_kernels == "shared"  # dense v: every head keeps 0..d-1
         new = FocusedLinearAttention(
-            dim=module.qkv.in_features,
-            num_heads=module.num_heads,
-            grid_size=module.grid_size,
-            qkv_bias=module.qkv.bias is not None,
-            focusing_factor=module.focusing_factor,
-            kernel_size=module.kernel_size,
-            proj_drop=module.proj_drop.p,
+            dim=attn.qkv.in_features,
+            num_heads=attn.num_heads,
+            grid_size=attn.grid_size,
+            qkv_bias=attn.qkv.bias is not None,
+            focusing_factor=attn.focusing_factor,
+            kernel_size=attn.kernel_size,
+            proj_drop=attn.proj_drop.p,
             head_dim_qk=widths["qk"],
             head_dim_v=widths["v"],
             dwc_kernels="shared" if keep_shared else "per_channel",
-            num_prefix_tokens=module.num_prefix_tokens,
-        ).to(device=module.qkv.weight.device, dtype=module.qkv.weight.dtype)
+            num_prefix_tokens=attn.num_prefix_tokens,
+        ).to(device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
         new.qkv = new_linear(params["qkv.weight"], params.get("qkv.bias"))
-        new.proj = new_linear(params["proj.weight"], module.proj.bias)
+        new.proj = new_linear(params["proj.weight"], attn.proj.bias)
         with torch.no_grad():
             new.positional_encoding.copy_(params["positional_encoding"])
             new.scale.copy_(params["scale"])
             if keep_shared:
-                new.dwc.load_state_dict(module.dwc.state_dict())
+                new.dwc.load_state_dict(attn.dwc.state_dict())
             else:
+                assert new.dwc.bias is not None  # the depthwise conv is built with a bias
                 new.dwc.weight.copy_(params["dwc.weight"])
                 new.dwc.bias.copy_(params["dwc.bias"])
             if params.get("q_gamma") is not None:

@@ -3,6 +3,8 @@ position bias). The bias table is per head and heads are never removed, so it is
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from einops import rearrange
 from timm.models.swin_transformer import WindowAttention, get_relative_position_index
@@ -16,6 +18,8 @@ from ._fused_qkv import FusedQkvAdapter, attend, head_widths, new_linear, split_
 class PrunedWindowAttention(nn.Module):
     """Window attention with per-head widths ``head_dim_qk`` / ``head_dim_v``; same call signature
     and masking rules as timm's ``WindowAttention``, with the dense model's softmax scale."""
+
+    relative_position_index: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(
         self,
@@ -81,29 +85,31 @@ class TimmWindowAttentionAdapter(FusedQkvAdapter):
         return type(module) in (WindowAttention, PrunedWindowAttention)
 
     def describe(self, label: str, module: nn.Module, tokens: int) -> LayerSpace:
-        meta = self._meta(module, tokens, kv_tokens=module.window_area)
-        meta["window_size"] = list(module.window_size)
+        meta = self._meta(module, tokens, kv_tokens=cast(int, module.window_area))
+        meta["window_size"] = list(cast("tuple[int, int]", module.window_size))
         return LayerSpace(label, self.name, self.kind, self._dims(label, module), meta, self)
 
     def build_pruned(
         self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]
     ) -> nn.Module:
         heads, _, _ = head_widths(module)
+        qkv, proj = cast(nn.Linear, module.qkv), cast(nn.Linear, module.proj)
+        win_h, win_w = cast("tuple[int, int]", module.window_size)
         new = PrunedWindowAttention(
-            dim=module.qkv.in_features,
+            dim=qkv.in_features,
             num_heads=heads,
             head_dim_qk=widths["qk"],
             head_dim_v=widths["v"],
-            window_size=tuple(module.window_size),
-            scale=float(module.scale),
-            qkv_bias=module.qkv.bias is not None,
+            window_size=(win_h, win_w),
+            scale=float(cast(float, module.scale)),
+            qkv_bias=qkv.bias is not None,
             fused_attn=bool(module.fused_attn),
-            attn_drop=module.attn_drop.p,
-            proj_drop=module.proj_drop.p,
-        ).to(device=module.qkv.weight.device, dtype=module.qkv.weight.dtype)
+            attn_drop=cast(nn.Dropout, module.attn_drop).p,
+            proj_drop=cast(nn.Dropout, module.proj_drop).p,
+        ).to(device=qkv.weight.device, dtype=qkv.weight.dtype)
         with torch.no_grad():
-            new.relative_position_bias_table.copy_(module.relative_position_bias_table)
+            new.relative_position_bias_table.copy_(cast(nn.Parameter, module.relative_position_bias_table))
         new.qkv = new_linear(params["qkv.weight"], params.get("qkv.bias"))
-        new.proj = new_linear(params["proj.weight"], module.proj.bias)
+        new.proj = new_linear(params["proj.weight"], proj.bias)
         new.train(module.training)
         return new

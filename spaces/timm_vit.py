@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from einops import rearrange
@@ -97,21 +97,22 @@ class TimmAttentionAdapter(FusedQkvAdapter):
         self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]
     ) -> nn.Module:
         heads, _, _ = head_widths(module)
+        qkv, proj = cast(nn.Linear, module.qkv), cast(nn.Linear, module.proj)
         new = PrunedAttention(
-            dim=module.qkv.in_features,
+            dim=qkv.in_features,
             num_heads=heads,
             head_dim_qk=widths["qk"],
             head_dim_v=widths["v"],
-            scale=float(module.scale),
-            qkv_bias=module.qkv.bias is not None,
-            proj_bias=module.proj.bias is not None,
-            out_dim=module.proj.out_features,
+            scale=float(cast(float, module.scale)),
+            qkv_bias=qkv.bias is not None,
+            proj_bias=proj.bias is not None,
+            out_dim=proj.out_features,
             fused_attn=bool(module.fused_attn),
-            attn_drop=module.attn_drop.p,
-            proj_drop=module.proj_drop.p,
-        ).to(device=module.qkv.weight.device, dtype=module.qkv.weight.dtype)
+            attn_drop=cast(nn.Dropout, module.attn_drop).p,
+            proj_drop=cast(nn.Dropout, module.proj_drop).p,
+        ).to(device=qkv.weight.device, dtype=qkv.weight.dtype)
         new.qkv = new_linear(params["qkv.weight"], params.get("qkv.bias"))
-        new.proj = new_linear(params["proj.weight"], module.proj.bias)
+        new.proj = new_linear(params["proj.weight"], proj.bias)
         new.train(module.training)
         return new
 
@@ -133,21 +134,18 @@ class TimmMlpAdapter(SpaceAdapter):
         return None
 
     def input_dim(self, module: nn.Module) -> int:
-        return module.fc1.in_features
+        return cast(nn.Linear, module.fc1).in_features
 
     def describe(self, label: str, module: nn.Module, tokens: int) -> LayerSpace:
-        hidden = module.fc1.out_features
-        dense = sum(
-            p.numel()
-            for p in (module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias)
-            if p is not None
-        )
+        fc1, fc2 = cast(nn.Linear, module.fc1), cast(nn.Linear, module.fc2)
+        hidden = fc1.out_features
+        dense = sum(p.numel() for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias) if p is not None)
         meta = {
             "tokens": tokens,
-            "in_dim": module.fc1.in_features,
-            "out_dim": module.fc2.out_features,
-            "fc1_bias": module.fc1.bias is not None,
-            "fc2_bias": module.fc2.bias is not None,
+            "in_dim": fc1.in_features,
+            "out_dim": fc2.out_features,
+            "fc1_bias": fc1.bias is not None,
+            "fc2_bias": fc2.bias is not None,
             "extra_params": sum(p.numel() for p in module.parameters()) - dense,
         }
         dims = {"hidden": DimSpec(dim_label(label, "hidden"), "hidden", 1, hidden)}
@@ -171,13 +169,13 @@ class TimmMlpAdapter(SpaceAdapter):
             return (args[0] * m.to(args[0].dtype), *args[1:])
 
         # on fc2's input: after the activation, so it is exact for any activation
-        return [module.fc2.register_forward_pre_hook(mask_hidden)]
+        return [cast(nn.Linear, module.fc2).register_forward_pre_hook(mask_hidden)]
 
     def build_pruned(
         self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]
     ) -> nn.Module:
-        fc1, fc2 = module.fc1, module.fc2
-        module.fc1 = module.fc2 = nn.Identity()  # type: ignore[assignment]
+        fc1, fc2 = cast(nn.Linear, module.fc1), cast(nn.Linear, module.fc2)
+        module.fc1 = module.fc2 = nn.Identity()
         try:
             new = copy.deepcopy(module)  # keeps act / dropout settings, without copying the weights
         finally:

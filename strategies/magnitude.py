@@ -24,8 +24,10 @@ class Magnitude(ScoringStrategy):
     Config = MagnitudeConfig
 
     def score(self, ctx: SearchContext) -> dict[str, torch.Tensor]:
-        fn = torch.abs if self.config.norm == "l1" else torch.square
+        cfg = self.config
+        assert isinstance(cfg, MagnitudeConfig)  # Strategy.__init__ validated it against Config
+        fn = torch.abs if cfg.norm == "l1" else torch.square
         sums = reduce_coupled(ctx.space, parameters_by_name(ctx.model), fn)
-        if self.config.norm == "l2":
+        if cfg.norm == "l2":
             return {k: v.sqrt() for k, v in sums.items()}
         return sums

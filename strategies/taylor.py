@@ -27,7 +27,9 @@ class Taylor(ScoringStrategy):
         graph = ctx.space.coupling_graph()
         wanted = {a["param"] for _, a in graph.nodes(data=True) if a["kind"] == "slot"}
         acc = {name: torch.zeros_like(params[name], dtype=torch.float64) for name in wanted}
-        batches = ctx.calib[: self.config.batches] if self.config.batches else ctx.calib
+        cfg = self.config
+        assert isinstance(cfg, TaylorConfig)  # Strategy.__init__ validated it against Config
+        batches = ctx.calib[: cfg.batches] if cfg.batches else ctx.calib
         for x, y in batches:
             model.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x.to(ctx.device)), y.to(ctx.device))
