@@ -87,14 +87,21 @@ class SimilarityIndicatorConfig(StrategyConfig):
     reweight: bool = Field(
         True, description="3.4 train per-channel query/value scales, folded at materialisation"
     )
-    init: Literal["uniform", "attention_difference"] = Field(
+    init: Literal["uniform", "attention_difference", "shuffled_difference"] = Field(
         "uniform",
         description="3.5 start of the qk indicators of linear-attention layers: 1.0 (uniform) or "
-        "tau + init_margin * normalise(D); softmax layers always start at 1.0",
+        "tau + init_margin * normalise(D); softmax layers always start at 1.0. shuffled_difference is "
+        "an ablation control: the same starting values, dealt to the layer's channels in a seeded "
+        "random order",
     )
-    init_margin: float = Field(0.5, ge=0, description="3.5 margin of the attention-difference initialisation")
+    init_margin: float = Field(
+        1.0,
+        ge=0,
+        description="3.5 margin of the attention-difference initialisation; 1.0 puts the median channel "
+        "(with init_scale=rank) at tau + 0.5, where the softmax layers' indicators start",
+    )
     init_scale: Literal["minmax", "rank"] = Field(
-        "minmax",
+        "rank",
         description="3.5 normalise(D) over the layer: min-max scaled to [0, 1], or the channel's rank "
         "spread evenly over [0, 1] (robust to a D dominated by a few channels)",
     )
@@ -395,7 +402,13 @@ def _attention_difference_init(
         phi_k = torch.cat([p[1] for p in pairs])  # (B, H, N, d)
         gen = ctx.torch_generator(f"similarity_indicator:init:{label}")
         diff = attention_difference_scores(phi_q, phi_k, cfg.init_query_tokens, generator=gen)
-        out[f"{label}:qk"] = indicator_init_from_difference(diff, cfg.tau, cfg.init_margin, cfg.init_scale)
+        m0 = indicator_init_from_difference(diff, cfg.tau, cfg.init_margin, cfg.init_scale)
+        if cfg.init == "shuffled_difference":
+            order = torch.randperm(
+                m0.numel(), generator=ctx.torch_generator(f"similarity_indicator:init-shuffle:{label}")
+            )
+            m0 = m0.flatten()[order].reshape(m0.shape)
+        out[f"{label}:qk"] = m0
         log.info(
             "%s: qk indicators initialised from the attention difference (D in [%.3g, %.3g])",
             label,
@@ -780,7 +793,7 @@ class SimilarityIndicator(Strategy):
                 calib = ctx.calib[: cfg.calib_batches_for_similarity]
                 similarity = similarity_weights(model, space, calib, cfg.similarity, device)
             start = {label: torch.ones(_shape(space, label)) for label in space.dims}
-            if cfg.init == "attention_difference":
+            if cfg.init in ("attention_difference", "shuffled_difference"):
                 init, init_skipped = _attention_difference_init(model, space, ctx, cfg)
                 start.update(init)
                 init_layers = sorted(k.rpartition(":")[0] for k in init)

@@ -562,7 +562,7 @@ def test_linear_attention_layers_start_from_the_attention_difference(tmp_path) -
     with torch.no_grad():
         phi_q, phi_k = ToyLinearAdapter().focused_features(model.attn, torch.cat(seen))
     diff = attention_difference_scores(phi_q, phi_k, 256)
-    torch.testing.assert_close(indicators["attn:qk"], indicator_init_from_difference(diff, 0.5, 0.3))
+    torch.testing.assert_close(indicators["attn:qk"], indicator_init_from_difference(diff, 0.5, 0.3, "rank"))
     assert torch.equal(indicators["attn:v"], torch.ones(2, 8))  # only q/k shape the map
     assert torch.equal(indicators["mlp:hidden"], torch.ones(32))
     assert result.info["init_layers"] == ["attn"]
@@ -572,6 +572,36 @@ def test_linear_attention_layers_start_from_the_attention_difference(tmp_path) -
     trained = make_strategy("similarity_indicator", {**config, "steps": 10, "checkpoint_every": 0})
     ctx.work_dir = None
     validate_result("similarity_indicator", ctx, trained.search(ctx))
+
+
+def test_shuffled_difference_deals_the_same_starts_in_another_seeded_order(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = ToyNet().eval()
+    space = build_space(model, (1, 8, 8), adapters=[ToyLinearAdapter(), TimmMlpAdapter()])
+    gen = torch.Generator().manual_seed(1)
+    calib = [
+        (torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, 3, (6,), generator=gen)) for _ in range(2)
+    ]
+
+    def start(init: str, run: str) -> torch.Tensor:
+        ctx = SearchContext(
+            model=model,
+            space=space,
+            budget=0.7,
+            dense_macs=int(analytic_cost(space).macs),
+            calib=calib,
+            seed=0,
+            work_dir=tmp_path / run,
+        )
+        config = {"init": init, "init_scale": "rank", "steps": 0}
+        make_strategy("similarity_indicator", config).search(ctx)
+        return torch.load(tmp_path / run / CHECKPOINT_NAME, weights_only=True)["indicators"]["attn:qk"]
+
+    ordered = start("attention_difference", "a")
+    shuffled = start("shuffled_difference", "b")
+    assert torch.equal(ordered.flatten().sort().values, shuffled.flatten().sort().values)
+    assert not torch.equal(ordered, shuffled)
+    assert torch.equal(shuffled, start("shuffled_difference", "c"))  # seeded
 
 
 def test_distillation_frozen_weights_progress_and_json_info(tmp_path) -> None:
