@@ -106,7 +106,7 @@ def test_unknown_strategy_fails_before_any_trial_runs(tmp_path):
     assert not (tmp_path / "ab" / "runs").exists()
 
 
-@pytest.mark.parametrize("preset", ["fmnist_baselines", "components"])
+@pytest.mark.parametrize("preset", ["fmnist_baselines", "flatten_baselines", "components"])
 def test_presets_validate_and_have_a_quick_version(preset):
     from nas_headprune.ablate import validate_trials
 
@@ -276,7 +276,7 @@ def test_killed_ablation_resumes_with_the_missing_trials_only(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["fmnist_baselines", "components"])
+@pytest.mark.parametrize("preset", ["fmnist_baselines", "flatten_baselines", "components"])
 def test_quick_presets_run_end_to_end(preset, tmp_path, capsys):
     out = tmp_path / preset
     assert main(["ablate", preset, "--quick", "--out", str(out), "--no-progress"]) == 0
