@@ -24,12 +24,14 @@ finished trial and its search/fine-tune checkpoints let an interrupted trial res
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import os
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -502,43 +504,27 @@ def _run_pool(todo: list[Trial], out: Path, workers: int, store: Any, record: An
             raise
 
 
-class _progress_bar:
-    """A rich progress bar over trials (a no-op when disabled)."""
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int, already: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar over trials; yields ``advance(trial_id)`` (a no-op when disabled)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    def __init__(self, enabled: bool, total: int, already: int) -> None:
-        self.enabled, self.total, self.already = enabled, total, already
-        self._progress: Any = None
+    from nas_headprune.progress import stderr_progress
 
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda _name: None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("trials"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.description}"),
-            console=Console(stderr=True),
-        )
-        self._progress.__enter__()
-        task = self._progress.add_task("", total=self.total, completed=self.already)
-
-        def advance(name: str) -> None:
-            self._progress.update(task, advance=1, description=name)
-
-        return advance
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
+    columns = (
+        TextColumn("trials"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+    )
+    with stderr_progress(*columns, enabled=enabled) as bar:
+        task = bar.add_task("", total=total, completed=already)
+        yield lambda name: bar.update(task, advance=1, description=name)

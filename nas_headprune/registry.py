@@ -109,8 +109,9 @@ def strategy_class(name: str) -> type[Strategy]:
     return obj
 
 
-def make_strategy(name: str, options: dict[str, Any] | None = None) -> Any:
-    """Look up ``name`` and validate ``options`` against its ``Config`` (errors name the field)."""
+def make_strategy(name: str, options: dict[str, Any] | None = None, prefix: str = "strategy_options") -> Any:
+    """Look up ``name`` and validate ``options`` against its ``Config`` (errors name the field,
+    under ``prefix``: where the options came from)."""
     from pydantic import ValidationError
 
     from nas_headprune.config import validation_message
@@ -119,5 +120,5 @@ def make_strategy(name: str, options: dict[str, Any] | None = None) -> Any:
     try:
         config = cls.Config.model_validate(options or {})
     except ValidationError as exc:
-        raise ConfigError(validation_message(exc, prefix="strategy_options", model=cls.Config)) from exc
+        raise ConfigError(validation_message(exc, prefix=prefix, model=cls.Config)) from exc
     return cls(config)

@@ -74,6 +74,13 @@ def _dense_top1(rows: list[dict[str, Any]]) -> list[float]:
     return [r["top1_dense"] for r in rows if r["status"] == "done" and r.get("top1_dense") is not None]
 
 
+def status_counts(rows: list[dict[str, Any]]) -> tuple[int, int, int]:
+    """(finished, failed, not finished: pending, running or interrupted) trials."""
+    done = sum(r["status"] == "done" for r in rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    return done, failed, len(rows) - done - failed
+
+
 def _pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
@@ -103,9 +110,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, str], report_command: s
     if meta.get("command"):
         out.write(f"Made by: `{meta['command']}`")
         out.write(f", then `{report_command}`.\n\n" if report_command else ".\n\n")
-    n_done = sum(r["status"] == "done" for r in rows)
-    n_failed = sum(r["status"] == "failed" for r in rows)
-    n_open = len(rows) - n_done - n_failed
+    n_done, n_failed, n_open = status_counts(rows)
     out.write(f"Trials: {len(rows)} ({n_done} finished, {n_failed} failed, {n_open} not finished).\n\n")
     out.write(
         "Top-1 is on the test split (%); mean ± standard deviation over the seeds that finished. "
@@ -220,11 +225,11 @@ def plot_accuracy_vs_macs(rows: list[dict[str, Any]], path: Path) -> bool:
 
 
 def plot_ablation(rows: list[dict[str, Any]], path: Path) -> bool:
-    plt = _pyplot()
-    groups = group_rows(rows)
     variants = _variants(rows)
     if len(variants) < 2:
         return False
+    plt = _pyplot()
+    groups = group_rows(rows)
     panels = list(OrderedDict.fromkeys((g.strategy, g.budget) for g in groups))
     fig, axes = plt.subplots(
         1, len(panels), figsize=(max(5, 1.3 * len(variants)) * len(panels), 4), squeeze=False
@@ -270,8 +275,11 @@ def write_report(
     files = [out / "report.md", out / "trials.csv", out / "accuracy_vs_macs.png"]
     if plot_ablation(rows, out / "ablation.png"):
         files.append(out / "ablation.png")
-    written: dict[str, Any] = {"trials": len(rows), "files": [str(f) for f in files]}
-    written["done"] = sum(r["status"] == "done" for r in rows)
-    written["failed"] = sum(r["status"] == "failed" for r in rows)
-    written["not_finished"] = len(rows) - written["done"] - written["failed"]
-    return written
+    done, failed, not_finished = status_counts(rows)
+    return {
+        "trials": len(rows),
+        "files": [str(f) for f in files],
+        "done": done,
+        "failed": failed,
+        "not_finished": not_finished,
+    }

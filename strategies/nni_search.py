@@ -129,15 +129,13 @@ class _NniSearch(Strategy):
         raise NotImplementedError
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        from rich.console import Console
-        from rich.progress import Progress
-
         from nas_headprune.allocate import BudgetError
         from nas_headprune.evaluator import metrics
         from nas_headprune.evaluator.cost import analytic_cost
         from nas_headprune.evaluator.materialize import materialize
         from nas_headprune.evaluator.reweight import reweight
         from nas_headprune.nni_space import budget_constraint, from_nni, require_nni, to_nni
+        from nas_headprune.progress import stderr_progress
 
         cfg = self.config
         assert isinstance(cfg, NniSearchConfig)
@@ -178,7 +176,7 @@ class _NniSearch(Strategy):
         engine = SequentialExecutionEngine(max_model_count=cfg.trials)
         nni_strategy = self._nni_strategy(seed)
         with (
-            Progress(disable=not ctx.progress, transient=True, console=Console(stderr=True)) as bar,
+            stderr_progress(enabled=ctx.progress, transient=True) as bar,
             _quiet_trials(),
         ):
             task = bar.add_task(f"{self.name} search", total=cfg.trials)
@@ -265,10 +263,7 @@ class NniRandom(_NniSearch):
 # ---------------------------------------------------------------------------------- helpers
 def _ranking_strategy(name: str, options: dict[str, Any]) -> ScoringStrategy:
     """The scoring strategy ``name`` with ``options``; config errors name ``strategy_options.ranking``."""
-    from pydantic import ValidationError
-
-    from nas_headprune.config import validation_message
-    from nas_headprune.registry import strategy_class
+    from nas_headprune.registry import make_strategy, strategy_class
 
     try:
         cls = strategy_class(name)
@@ -280,13 +275,7 @@ def _ranking_strategy(name: str, options: dict[str, Any]) -> ScoringStrategy:
             f"strategy_options.ranking: {name!r} {what}; choose a scoring strategy: "
             f"{', '.join(_scoring_strategy_names()) or '(none installed)'}"
         )
-    try:
-        config = cls.Config.model_validate(options)
-    except ValidationError as exc:
-        raise ConfigError(
-            validation_message(exc, prefix="strategy_options.ranking_options", model=cls.Config)
-        ) from exc
-    return cls(config)
+    return make_strategy(name, options, prefix="strategy_options.ranking_options")
 
 
 def _scoring_strategy_names() -> list[str]:

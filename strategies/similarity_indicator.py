@@ -895,13 +895,12 @@ class SimilarityIndicator(Strategy):
         run.last_saved = run.step
 
     def _train(self, run: _Run, masks: MaskSet) -> None:
-        from rich.console import Console
-        from rich.progress import Progress
+        from nas_headprune.progress import stderr_progress
 
         cfg, space, history = run.cfg, run.space, run.history
         dims = space.dims
         balanced = {label: cfg.balance or space.layer_of(label).kind == "mlp" for label in dims}
-        with Progress(disable=not run.ctx.progress, transient=True, console=Console(stderr=True)) as bar:
+        with stderr_progress(enabled=run.ctx.progress, transient=True) as bar:
             task_id = bar.add_task("similarity_indicator search", total=cfg.steps, completed=run.step)
             while run.step < cfg.steps:
                 x, y = (t.to(run.device) for t in run.batches.next()[:2])

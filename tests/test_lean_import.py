@@ -3,6 +3,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
+
+
+def _run_json(code: str) -> Any:
+    """Run ``code`` in a fresh interpreter (nothing imported yet) and parse the JSON it prints."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
 def test_import_is_cheap() -> None:
@@ -12,8 +19,7 @@ def test_import_is_cheap() -> None:
         " or m.startswith(('nas_headprune.strategies', 'nas_headprune.spaces'))]\n"
         "print(json.dumps({'mods': mods, 'version': nas_headprune.__version__}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    report = json.loads(out.stdout)
+    report = _run_json(code)
     assert report["mods"] == []
     assert report["version"]
 
@@ -35,8 +41,7 @@ def test_registry_and_nni_strategy_modules_do_not_import_nni() -> None:
         "mods = [m for m in sys.modules if m.split('.')[0] in ('nni', 'pytorch_lightning')]\n"
         "print(json.dumps({'names': names, 'classes': classes, 'mods': mods}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    report = json.loads(out.stdout)
+    report = _run_json(code)
     assert {"evolution", "nni_random"} <= set(report["names"])
     assert report["classes"] == ["Evolution", "NniRandom"]
     assert report["mods"] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -532,7 +533,9 @@ class ToyNet(nn.Module):
         return self.head(x.mean(1))
 
 
-def test_linear_attention_layers_start_from_the_attention_difference(tmp_path) -> None:
+def _toy_linear_context(work_dir: Path) -> SearchContext:
+    """A search context over :class:`ToyNet` (one linear-attention layer and an MLP), 2 calibration
+    batches; the same model, space and batches on every call."""
     torch.manual_seed(0)
     model = ToyNet().eval()
     space = build_space(model, (1, 8, 8), adapters=[ToyLinearAdapter(), TimmMlpAdapter()])
@@ -540,15 +543,20 @@ def test_linear_attention_layers_start_from_the_attention_difference(tmp_path) -
     calib = [
         (torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, 3, (6,), generator=gen)) for _ in range(2)
     ]
-    ctx = SearchContext(
+    return SearchContext(
         model=model,
         space=space,
         budget=0.7,
         dense_macs=int(analytic_cost(space).macs),
         calib=calib,
         seed=0,
-        work_dir=tmp_path,
+        work_dir=work_dir,
     )
+
+
+def test_linear_attention_layers_start_from_the_attention_difference(tmp_path) -> None:
+    ctx = _toy_linear_context(tmp_path)
+    model, calib = ctx.model, ctx.calib
     config = {"init": "attention_difference", "init_margin": 0.3, "steps": 0}
     result = make_strategy("similarity_indicator", config).search(ctx)
     indicators = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["indicators"]
@@ -575,26 +583,9 @@ def test_linear_attention_layers_start_from_the_attention_difference(tmp_path) -
 
 
 def test_shuffled_difference_deals_the_same_starts_in_another_seeded_order(tmp_path) -> None:
-    torch.manual_seed(0)
-    model = ToyNet().eval()
-    space = build_space(model, (1, 8, 8), adapters=[ToyLinearAdapter(), TimmMlpAdapter()])
-    gen = torch.Generator().manual_seed(1)
-    calib = [
-        (torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, 3, (6,), generator=gen)) for _ in range(2)
-    ]
-
     def start(init: str, run: str) -> torch.Tensor:
-        ctx = SearchContext(
-            model=model,
-            space=space,
-            budget=0.7,
-            dense_macs=int(analytic_cost(space).macs),
-            calib=calib,
-            seed=0,
-            work_dir=tmp_path / run,
-        )
         config = {"init": init, "init_scale": "rank", "steps": 0}
-        make_strategy("similarity_indicator", config).search(ctx)
+        make_strategy("similarity_indicator", config).search(_toy_linear_context(tmp_path / run))
         return torch.load(tmp_path / run / CHECKPOINT_NAME, weights_only=True)["indicators"]["attn:qk"]
 
     ordered = start("attention_difference", "a")

@@ -54,26 +54,29 @@ def vit_b() -> VitB:
     return VitB(model, pruned, space, arch, macs, info)
 
 
+def _time(perf, vit_b: VitB, fn, method: str, what: str) -> None:
+    """One row of the report's MACs-count table."""
+    perf(fn, section="macs_count", group="macs count vit_base", method=method, what=what, **vit_b.info)
+
+
 def test_build_space(perf, vit_b: VitB):
-    perf(
+    _time(
+        perf,
+        vit_b,
         lambda: build_space(vit_b.model, SIZE),
-        section="macs_count",
-        group="macs count vit_base",
         method="build_space",
         what="once per model: finds the layers and counts the fixed parts with one forward pass",
-        **vit_b.info,
     )
 
 
 def test_analytic_cost(perf, vit_b: VitB):
     assert int(analytic_cost(vit_b.space, vit_b.arch).macs) == vit_b.macs
-    perf(
+    _time(
+        perf,
+        vit_b,
         lambda: analytic_cost(vit_b.space, vit_b.arch),
-        section="macs_count",
-        group="macs count vit_base",
         method="analytic_cost",
         what="per-layer formulas at integer widths",
-        **vit_b.info,
     )
 
 
@@ -82,23 +85,21 @@ def test_analytic_cost_differentiable(perf, vit_b: VitB):
     assert float(analytic_cost(vit_b.space, widths).macs.detach()) == pytest.approx(
         vit_b.macs, rel=1e-6
     )  # float32
-    perf(
+    _time(
+        perf,
+        vit_b,
         lambda: analytic_cost(vit_b.space, widths).macs.backward(),
-        section="macs_count",
-        group="macs count vit_base",
         method="analytic_cost + backward",
         what="the same formulas on tensor widths plus the backward pass (the search's MACs penalty)",
-        **vit_b.info,
     )
 
 
 def test_measure_macs(perf, vit_b: VitB):
     assert measure_macs(vit_b.pruned, SIZE) == vit_b.macs  # two independent counts of one network
-    perf(
+    _time(
+        perf,
+        vit_b,
         lambda: measure_macs(vit_b.pruned, SIZE),
-        section="macs_count",
-        group="macs count vit_base",
         method="measure_macs",
         what="FlopCounterMode over one batch-1 forward of the materialised model",
-        **vit_b.info,
     )

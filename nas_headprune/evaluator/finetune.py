@@ -359,18 +359,18 @@ class _JsonLines:
 
 
 def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
-    return Progress(
+    from nas_headprune.progress import stderr_progress
+
+    return stderr_progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
         TimeRemainingColumn(),
-        console=console,
-        disable=not (enabled and console.is_terminal),
+        enabled=enabled,
+        terminal_only=True,
     )
 
 
