@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out", default=None, help="run folder (default: runs/<strategy>-b<budget>-s<seed>)")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument(
+        "--restart",
+        action="store_true",
+        help="redo a stage of --out recorded with other settings, and every later stage (default: refuse)",
+    )
 
     sub.add_parser("strategies", help="list installed strategies")
 
@@ -75,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="data overrides, e.g. data.test_subset=1000",
+        help="data overrides, e.g. data.test_subset=1000 (only data.* keys)",
     )
     a = sub.add_parser(
         "ablate",
@@ -101,16 +106,18 @@ def _print_json(obj: Any) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from nas_headprune.config import load_config
-    from nas_headprune.runner import run_search
 
     overrides = list(args.overrides)
     if args.strategy:
         overrides.insert(0, f"strategy={args.strategy}")
     if args.no_progress:
         overrides.append("progress=false")
-    cfg = load_config(args.config or DEFAULT_PRESET, overrides)
+    cfg = load_config(args.config or DEFAULT_PRESET, overrides)  # validated before torch is imported
+
+    from nas_headprune.runner import run_search
+
     out = args.out or f"runs/{cfg.strategy.replace(':', '_').replace('.', '_')}-b{cfg.budget}-s{cfg.seed}"
-    result = run_search(cfg, out)
+    result = run_search(cfg, out, restart=args.restart)
     pruned, dense = result["pruned"], result["dense"]
     summary = {
         "run": str(out),
@@ -162,10 +169,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from nas_headprune.config import load_train_config
-    from nas_headprune.runner import run_train
 
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     cfg = load_train_config(args.config, overrides)
+
+    from nas_headprune.runner import run_train
+
     record = run_train(cfg, args.out)
     _print_json(
         {
@@ -180,27 +189,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import yaml
-
-    from nas_headprune import data as data_mod
-    from nas_headprune.config import apply_override
-    from nas_headprune.evaluator import metrics
-    from nas_headprune.evaluator.measure import measure_macs
-    from nas_headprune.io import load_pruned
-    from nas_headprune.runner import _sub
+    from nas_headprune.config import load_evaluate_config
 
     root = Path(args.dir)
     model_dir = root / "model" if (root / "model" / "pruned.json").is_file() else root
+    cfg = load_evaluate_config(root / "config.resolved.yaml", args.overrides)  # before torch loads
+
+    from nas_headprune import data as data_mod
+    from nas_headprune.evaluator import metrics
+    from nas_headprune.evaluator.measure import measure_macs
+    from nas_headprune.io import load_pruned
+
     model = load_pruned(model_dir).eval()
-    resolved = root / "config.resolved.yaml"
-    settings: dict[str, Any] = {"data": {}}
-    if resolved.is_file():
-        settings["data"] = (yaml.safe_load(resolved.read_text()) or {}).get("data", {})
-    for item in args.overrides:
-        apply_override(settings, item)
-    data_cfg = _sub(data_mod.DataConfig, settings["data"], "data")
-    bundle = data_mod.load_datasets(data_cfg, seed=0)
-    _, test_loader = data_mod.make_loaders(bundle, data_cfg, seed=0)
+    bundle = data_mod.load_datasets(cfg.data, seed=0)
+    _, test_loader = data_mod.make_loaders(bundle, cfg.data, seed=0)
     size = data_mod.input_size(bundle)
     report = metrics.evaluate(model, test_loader)
     report.update({"macs": measure_macs(model, size), "params": metrics.count_params(model)})
@@ -279,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except NasHeadpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a path that cannot be written or read, a full disk: the OS says why
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)

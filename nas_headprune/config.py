@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nas_headprune.errors import ConfigError
 
@@ -48,32 +48,122 @@ def validation_message(exc: ValidationError, prefix: str = "", model: type[BaseM
     return "invalid configuration: " + "; ".join(lines)
 
 
-class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, and so are NaN and infinities."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# ------------------------------------------------------------------------------------- data
+#: the image size of the data sets with a fixed native size (``img_size`` only resizes imagefolder data)
+NATIVE_IMG_SIZE = {"fashion_mnist": 28, "digits": 8}
+DEFAULT_IMG_SIZE = 224
+
+
+class DataConfig(Section):
+    """The ``data`` section of a run config."""
+
+    name: Literal["fashion_mnist", "digits", "imagefolder"] = "fashion_mnist"
+    root: str | None = None
+    batch_size: int = Field(256, gt=0)
+    eval_batch_size: int = Field(512, gt=0)
+    num_workers: int = Field(0, ge=0)
+    train_subset: int | None = Field(None, gt=0, description="keep N training samples (seeded)")
+    test_subset: int | None = Field(None, gt=0, description="keep N test samples (seeded)")
+    calib_batches: int = Field(4, gt=0, description="number of calibration batches")
+    calib_batch_size: int = Field(64, gt=0)
+    img_size: int | None = Field(None, gt=0, description=f"imagefolder only; default {DEFAULT_IMG_SIZE}")
+    download: bool = True
+
+    @model_validator(mode="after")
+    def _img_size_fits_dataset(self) -> DataConfig:
+        native = NATIVE_IMG_SIZE.get(self.name)
+        if native is not None and self.img_size is not None and self.img_size != native:
+            raise ValueError(
+                f"img_size={self.img_size} does not fit {self.name!r}, whose images are {native}x{native}; "
+                f"leave img_size unset (it only resizes 'imagefolder' data)"
+            )
+        return self
+
+
+# -------------------------------------------------------------------------------- fine-tune
+class FinetuneConfig(Section):
+    """How to fine-tune; every field is validated, unknown fields are rejected."""
+
+    epochs: int = Field(
+        1, ge=0, description="epochs to train in total (a resumed run counts the finished ones)"
+    )
+    lr: float = Field(5e-4, gt=0, description="peak learning rate, reached at the end of the warm-up")
+    min_lr: float = Field(1e-6, ge=0, description="learning rate of the last step of the cosine decay")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decoupled weight decay of matrices")
+    warmup_epochs: float = Field(
+        0.1, ge=0, description="linear warm-up length, in epochs (may be fractional)"
+    )
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="max global gradient norm; None turns clipping off"
+    )
+    distill: bool = Field(False, description="distil from the teacher passed to finetune()")
+    distill_alpha: float = Field(
+        0.5, ge=0, le=1, description="weight of the KL term; 1 - alpha weighs cross entropy"
+    )
+    distill_temperature: float = Field(1.0, gt=0, description="softmax temperature of the KL term")
+    amp: bool = Field(
+        True, description="mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU"
+    )
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimizer steps per epoch")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross entropy")
+    log_every: int = Field(50, ge=1, description="steps between two log events")
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self) -> FinetuneConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+# --------------------------------------------------------------------------------- reweight
+class ReweightConfig(Section):
+    """Options of the reweighting step (``reweight:`` in a run config)."""
+
+    mode: Literal["none", "lstsq", "scales", "lstsq+scales"] = "lstsq"
+    ridge: float = Field(1e-3, ge=0, description="relative damping: lambda = ridge * mean(diag(X^T X))")
+    max_tokens: int = Field(200_000, ge=1, description="calibration tokens per layer for lstsq (subsampled)")
+    scale_steps: int = Field(100, ge=0, description="Adam steps for the per-channel scales")
+    scale_lr: float = Field(1e-2, gt=0, description="Adam learning rate for the scales")
+
+
+# ------------------------------------------------------------------------------------- runs
+#: seeds go to torch, numpy (mod 2**32) and Python; one range every library accepts
+MAX_SEED = 2**63 - 1
+
+
+class ModelConfig(Section):
     name: str = Field("embedded", description="'embedded' (the shipped model) or a timm model name")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="timm.create_model arguments")
     checkpoint: str | None = Field(None, description="weights to load (.safetensors or .pt state dict)")
 
 
-class SpaceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SpaceConfig(Section):
     skip_unsupported: bool = False
 
 
-class RunConfig(BaseModel):
-    """Everything a ``search`` run needs; ``strategy_options`` is validated by the strategy."""
+class RunConfig(Section):
+    """Everything a ``search`` run needs; ``strategy_options`` is validated by the strategy.
 
-    model_config = ConfigDict(extra="forbid")
+    Every section is typed and validated here, before torch is imported, so a typo or a bad value
+    anywhere but in ``strategy_options`` is reported at once.
+    """
+
     strategy: str = "magnitude"
     strategy_options: dict[str, Any] = Field(default_factory=dict)
     budget: float = Field(0.5, gt=0, le=1, description="target MACs as a fraction of dense, in (0, 1]")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelConfig = Field(default_factory=ModelConfig)
     space: SpaceConfig = Field(default_factory=SpaceConfig)
-    data: dict[str, Any] = Field(default_factory=dict)
-    reweight: dict[str, Any] = Field(default_factory=dict)
-    finetune: dict[str, Any] = Field(default_factory=dict)
+    data: DataConfig = Field(default_factory=DataConfig)
+    reweight: ReweightConfig = Field(default_factory=ReweightConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     throughput_batch: int = Field(64, ge=1)
     progress: bool = True
 
@@ -87,6 +177,15 @@ def preset_names(subdir: str = "") -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} file {str(path)!r} is not a text (UTF-8 YAML) file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{what} file {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
+
+
 def read_yaml(source: str, subdir: str = "", what: str = "config") -> dict[str, Any]:
     """A YAML file path or a preset name from ``nas_headprune.configs`` (``/subdir``); ``yaml.safe_load``
     only. ``what`` names the kind of file in error messages."""
@@ -94,7 +193,7 @@ def read_yaml(source: str, subdir: str = "", what: str = "config") -> dict[str, 
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"{what} file {source!r} does not exist")
-        text = path.read_text()
+        text = _read_text(path, what)
     else:
         folder = resources.files("nas_headprune.configs")
         candidate = (folder / subdir if subdir else folder) / f"{source}.yaml"
@@ -141,14 +240,13 @@ def load_config(source: str | None = None, overrides: list[str] | None = None) -
         raise ConfigError(validation_message(exc, model=RunConfig)) from exc
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Section):
     """``nas-headprune train``: a dense model trained from scratch on one data set."""
 
-    model_config = ConfigDict(extra="forbid")
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="vit_tiny_patch16_224"))
-    data: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict)
-    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
 
@@ -161,3 +259,25 @@ def load_train_config(source: str | None = None, overrides: list[str] | None = N
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(validation_message(exc, model=TrainConfig)) from exc
+
+
+class EvaluateConfig(Section):
+    """``nas-headprune evaluate``: only the data to evaluate on can be changed."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+def load_evaluate_config(resolved: Path, overrides: list[str] | None = None) -> EvaluateConfig:
+    """The data section of a run folder's ``config.resolved.yaml`` (when there is one) plus overrides."""
+    data: dict[str, Any] = {"data": {}}
+    if resolved.is_file():
+        section = read_yaml(str(resolved)).get("data", {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{resolved}: 'data' must be a mapping")
+        data["data"] = section
+    for item in overrides or []:
+        apply_override(data, item)
+    try:
+        return EvaluateConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, model=EvaluateConfig)) from exc

@@ -28,13 +28,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from nas_headprune.config import DEFAULT_IMG_SIZE, DataConfig
 from nas_headprune.errors import ConfigError, DataNotFoundError
 
 if TYPE_CHECKING:
@@ -101,7 +101,6 @@ DIGITS_STD = 0.3760
 DIGITS_CLASSES: tuple[str, ...] = tuple(str(i) for i in range(10))
 
 # --- imagefolder ----------------------------------------------------------------------------------
-DEFAULT_IMG_SIZE = 224
 _VAL_DIR_NAMES = ("val", "validation")
 
 # Salts that decorrelate the generators drawn from one run seed.
@@ -109,35 +108,6 @@ _SALT_TRAIN_SUBSET = 1
 _SALT_TEST_SUBSET = 2
 _SALT_CALIBRATION = 3
 
-_NATIVE_IMG_SIZE = {"fashion_mnist": 28, "digits": 8}
-
-
-class DataConfig(BaseModel):
-    """The ``data`` section of a run config."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Literal["fashion_mnist", "digits", "imagefolder"] = "fashion_mnist"
-    root: str | None = None
-    batch_size: int = Field(256, gt=0)
-    eval_batch_size: int = Field(512, gt=0)
-    num_workers: int = Field(0, ge=0)
-    train_subset: int | None = Field(None, gt=0, description="keep N training samples (seeded)")
-    test_subset: int | None = Field(None, gt=0, description="keep N test samples (seeded)")
-    calib_batches: int = Field(4, gt=0, description="number of calibration batches")
-    calib_batch_size: int = Field(64, gt=0)
-    img_size: int | None = Field(None, gt=0, description=f"imagefolder only; default {DEFAULT_IMG_SIZE}")
-    download: bool = True
-
-    @model_validator(mode="after")
-    def _img_size_fits_dataset(self) -> DataConfig:
-        native = _NATIVE_IMG_SIZE.get(self.name)
-        if native is not None and self.img_size is not None and self.img_size != native:
-            raise ValueError(
-                f"img_size={self.img_size} does not fit {self.name!r}, whose images are {native}x{native}; "
-                f"leave img_size unset (it only resizes 'imagefolder' data)"
-            )
-        return self
 
 
 @dataclass
@@ -253,7 +223,13 @@ def _find_fashion_mnist(cfg: DataConfig) -> dict[str, Path]:
         found = look(Path(cfg.root).expanduser(), "data.root")
         if found:
             return found
-        logger.warning("data.root=%s holds no Fashion-MNIST IDX files; searching elsewhere", cfg.root)
+        # the user named this folder: reading another copy instead would be a silent substitution
+        names = ", ".join(f"{stem}[.gz]" for stem in FASHION_MNIST_FILES.values())
+        raise DataNotFoundError(
+            f"data.root={cfg.root} holds no Fashion-MNIST IDX files ({tried[-1]}); expected {names} "
+            "in that folder or in its fashion-mnist/ sub-folder. Point data.root at such a folder, or "
+            "leave it unset to search $NAS_HEADPRUNE_DATA, the Debian package folder and the cache"
+        )
     else:
         tried.append("data.root: not set")
 

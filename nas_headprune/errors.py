@@ -42,3 +42,12 @@ class CheckpointError(NasHeadpruneError):
 
 class StrategyError(NasHeadpruneError):
     """A strategy plugin that returned an invalid result (unbalanced, over budget, wrong layers)."""
+
+
+class RunFolderError(UsageError):
+    """A run folder that cannot be used: another process holds it, or it holds stages made with
+    another config (exit code 2; ``--restart`` redoes the stages that differ)."""
+
+
+class NonFiniteLossError(NasHeadpruneError):
+    """Training produced a NaN or infinite loss; the run stops instead of saving a broken model."""

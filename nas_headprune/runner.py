@@ -1,33 +1,49 @@
-"""The search pipeline, the same for every strategy:
+"""The search pipeline, the same for every strategy, as four resumable stages over a run folder:
 
-load model and data -> build the space -> strategy.search -> validate -> materialise (fold scales)
--> reweight -> fine-tune -> evaluate (dense and pruned, accuracy, MACs, params, throughput).
+1. ``search``: load model and data, build the space, ``strategy.search``, validate the selection
+   (``search.json``, ``search_scales.safetensors``, ``search_weights.safetensors``, ``search_state/``);
+2. ``reweight``: materialise (fold scales) and refit the layers that consume pruned channels
+   (``reweighted/``, a :func:`nas_headprune.save_pruned` folder, and ``reweight.json``);
+3. ``finetune``: train the pruned model, with distillation from the dense one when configured
+   (``finetune/`` epoch checkpoints, ``finetune.json``, and ``model/``, the final pruned model);
+4. ``evaluate``: dense and pruned accuracy, MACs, parameters, throughput (``result.json``).
 
-A run folder holds ``config.resolved.yaml``, ``search.json`` (+ ``search_scales.safetensors``),
-``model/`` (the pruned model, :func:`nas_headprune.save_pruned` format), ``finetune/`` (epoch
-checkpoints), ``metrics.jsonl`` and finally ``result.json``. Every file is written atomically.
-Re-running the same command on the same folder resumes: a finished stage is not redone.
+Every stage records in ``stages.json`` a fingerprint of what it depends on (its config section, the
+seed, the dense weights' hash and the previous stage's fingerprint; see
+:mod:`nas_headprune.runfolder`). Running the same command again reuses finished stages and resumes
+the unfinished one from its checkpoints; running another config in the folder stops with exit 2 and
+names the stage and keys that differ, or with ``restart=True`` redoes that stage and the later ones.
+A process holds the folder's lock while it works in it. Every file is written atomically.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from pydantic import ValidationError
 
 from nas_headprune import __version__
-from nas_headprune.config import RunConfig, validation_message
-from nas_headprune.errors import ConfigError, StrategyError, UsageError
+from nas_headprune.atomic import atomic_write_text
+from nas_headprune.config import DataConfig, RunConfig, TrainConfig
+from nas_headprune.errors import CheckpointError, ConfigError, StrategyError
+from nas_headprune.runfolder import RunFolder, finite_json, read_json, read_tensors
 
 log = logging.getLogger(__name__)
+
+#: data fields that only change evaluation (or nothing about the numbers): left out of the training
+#: stages' fingerprints
+_EVAL_ONLY_DATA = ("eval_batch_size", "test_subset", "num_workers", "download")
+#: fine-tune fields that change nothing about the trained weights
+_FINETUNE_UNFINGERPRINTED = ("log_every",)
 
 
 def resolve_device(name: str) -> str:
@@ -38,13 +54,6 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def _sub(model_cls: Any, data: dict[str, Any], field: str) -> Any:
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(validation_message(exc, prefix=field, model=model_cls)) from exc
-
-
 def load_base_model(cfg: RunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The dense model and what is known about it (``data`` defaults for the embedded one)."""
     from nas_headprune.models.dense import embedded_dir, load_dense, load_weights
@@ -53,12 +62,32 @@ def load_base_model(cfg: RunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     if cfg.model.name.startswith("embedded"):
         model, record = load_dense(embedded_dir(cfg.model.name))
         return model, record
-    model = create_model(cfg.model.name, **cfg.model.kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # random initial weights are the seed's, so a rerun gets the same model
+        model = create_model(cfg.model.name, **cfg.model.kwargs)
     if cfg.model.checkpoint:
         load_weights(model, cfg.model.checkpoint)
     else:
         log.warning("model %s has no checkpoint: pruning randomly initialised weights", cfg.model.name)
     return model.eval(), {"name": cfg.model.name, "kwargs": cfg.model.kwargs}
+
+
+def resolve_data(cfg: RunConfig, record: dict[str, Any]) -> DataConfig:
+    """The run's data section: the embedded model's defaults, then what the config sets."""
+    if not cfg.model.name.startswith("embedded"):
+        return cfg.data
+    merged = {**record.get("data", {}), **cfg.data.model_dump(exclude_unset=True)}
+    return DataConfig.model_validate(merged)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A hash of the model's state (names, shapes, dtypes and values): what the dense model *is*."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{list(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -82,179 +111,384 @@ class MetricsLog:
     def write(self, event: str, **fields: Any) -> None:
         if not self.enabled:
             return
+        clean, _ = finite_json(fields)
         with open(self.path, "a") as fh:
-            fh.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+            fh.write(json.dumps({"event": event, "time": time.time(), **clean}) + "\n")
             fh.flush()
 
 
-def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
-    """Run the whole pipeline into ``out``; returns the result record (also in result.json)."""
-    from safetensors.torch import load_file, save_file
+def _check_fits_data(model: torch.nn.Module, size: tuple[int, ...], num_classes: int, cfg: RunConfig) -> None:
+    """One forward on a blank image of the data's size: a model that cannot take it is a config error."""
+    p = next(model.parameters(), None)
+    x = torch.zeros(1, *size, device=p.device if p is not None else "cpu")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"model {cfg.model.name!r} cannot take the images of data.name={cfg.data.name!r} "
+            f"(channels, height, width = {tuple(size)}): {first}. Build the model to fit the data, e.g. "
+            "--set model.kwargs.in_chans=1 --set model.kwargs.img_size=28 --set model.kwargs.num_classes=10"
+        ) from exc
+    finally:
+        model.train(was)
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    if isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[-1] < num_classes:
+        raise ConfigError(
+            f"model {cfg.model.name!r} has {logits.shape[-1]} outputs but data.name={cfg.data.name!r} has "
+            f"{num_classes} classes; set model.kwargs.num_classes={num_classes}"
+        )
 
-    from nas_headprune import data as data_mod
-    from nas_headprune.atomic import atomic_path, atomic_write_json, atomic_write_text
+
+@dataclass
+class _Run:
+    """What the stages share: the config, the folder, the dense model, the data and the space."""
+
+    cfg: RunConfig
+    folder: RunFolder
+    restart: bool
+    strategy: Any
+    data_cfg: DataConfig
+    record: dict[str, Any]
+    model: torch.nn.Module
+    device: str | torch.device
+    main: bool
+    world: int
+    mlog: MetricsLog
+    resolved: dict[str, Any]
+    dense_sha256: str
+    timings: dict[str, float] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    # filled by the stages
+    bundle: Any = None
+    train_loader: Any = None
+    test_loader: Any = None
+    calib: Any = None
+    size: tuple[int, ...] = ()
+    space: Any = None
+    dense_macs: int = 0
+
+    @property
+    def out(self) -> Path:
+        return self.folder.path
+
+    def base_record(self) -> dict[str, Any]:
+        return {"name": self.record["name"], "kwargs": self.record.get("kwargs", {})}
+
+
+def run_search(cfg: RunConfig, out: str | Path, *, restart: bool = False) -> dict[str, Any]:
+    """Run the whole pipeline into ``out``; returns the result record (also in result.json).
+
+    ``restart=True`` redoes a stage whose recorded settings differ from ``cfg`` (and every later
+    stage) instead of stopping with :class:`~nas_headprune.errors.RunFolderError`.
+    """
     from nas_headprune.evaluator import finetune as ft
-    from nas_headprune.evaluator import metrics
-    from nas_headprune.evaluator.materialize import materialize
-    from nas_headprune.evaluator.measure import measure_macs
-    from nas_headprune.evaluator.reweight import ReweightConfig, reweight
-    from nas_headprune.io import load_pruned, save_pruned
     from nas_headprune.registry import make_strategy
-    from nas_headprune.space import build_space
-    from nas_headprune.strategy import SearchContext, validate_result
 
-    out = Path(out)
     strategy = make_strategy(cfg.strategy, cfg.strategy_options)  # config errors before any work
-    ft_cfg = _sub(ft.FinetuneConfig, cfg.finetune, "finetune")
-    rw_cfg = _sub(ReweightConfig, cfg.reweight, "reweight")
     device: str | torch.device = resolve_device(cfg.device)
     rank, world, dist_device = ft.init_distributed_from_env()
     if world > 1:
         device = dist_device
     main = rank == 0
+    try:
+        folder = RunFolder(out, write=main)
+        with folder:
+            if world > 1:  # every rank reads the manifest before rank 0 writes to it
+                torch.distributed.barrier()
+            model, record = load_base_model(cfg)
+            data_cfg = resolve_data(cfg, record)
+            resolved = cfg.model_dump(mode="json")
+            resolved["data"] = data_cfg.model_dump(mode="json")
+            resolved["strategy_options"] = strategy.config.model_dump(mode="json")
+            run = _Run(
+                cfg=cfg,
+                folder=folder,
+                restart=restart,
+                strategy=strategy,
+                data_cfg=data_cfg,
+                record=record,
+                model=model,
+                device=device,
+                main=main,
+                world=world,
+                mlog=MetricsLog(folder.path / "metrics.jsonl", enabled=main),
+                resolved=resolved,
+                dense_sha256=weights_sha256(model),
+            )
+            return _pipeline(run)
+    finally:
+        ft.cleanup_distributed()
 
-    model, record = load_base_model(cfg)
-    data_dict = (
-        {**record.get("data", {}), **cfg.data} if cfg.model.name.startswith("embedded") else dict(cfg.data)
-    )
-    data_cfg = _sub(data_mod.DataConfig, data_dict, "data")
 
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = cfg.model_dump(mode="json")
-    resolved["data"] = data_cfg.model_dump(mode="json")
-    resolved["finetune"] = ft_cfg.model_dump(mode="json")
-    resolved["reweight"] = rw_cfg.model_dump(mode="json")
-    resolved["strategy_options"] = strategy.config.model_dump(mode="json")
-    if (out / "result.json").is_file():
-        done = json.loads((out / "result.json").read_text())
-        if done.get("config") == resolved:
-            log.info("%s already holds a finished run with this config; nothing to do", out)
-            return done
-        raise UsageError(f"{out} holds a finished run with a different config; choose another --out")
-    if main:
-        atomic_write_text(out / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    mlog = MetricsLog(out / "metrics.jsonl", enabled=main)
-    timings: dict[str, float] = {}
+def _pipeline(run: _Run) -> dict[str, Any]:
+    from nas_headprune import data as data_mod
+
+    cfg = run.cfg
+    search_inputs = {
+        "strategy": cfg.strategy,
+        "strategy_options": run.resolved["strategy_options"],
+        "budget": cfg.budget,
+        "seed": cfg.seed,
+        "model": run.resolved["model"],
+        "space": run.resolved["space"],
+        "data": {k: v for k, v in run.resolved["data"].items() if k not in _EVAL_ONLY_DATA},
+        "dense_sha256": run.dense_sha256,
+    }
+    reweight_inputs = {"reweight": run.resolved["reweight"]}
+    finetune_inputs = {
+        "finetune": {k: v for k, v in run.resolved["finetune"].items() if k not in _FINETUNE_UNFINGERPRINTED}
+    }
+    evaluate_inputs = {
+        "data": {k: run.resolved["data"][k] for k in ("test_subset", "eval_batch_size")},
+        "throughput_batch": cfg.throughput_batch,
+    }
+    # check every recorded stage against this config before any work (and before data loads)
+    fp_search, search_done = run.folder.begin("search", search_inputs, restart=run.restart)
+    run.fingerprints["search"] = fp_search
+    if run.main:
+        atomic_write_text(run.out / "config.resolved.yaml", yaml.safe_dump(run.resolved, sort_keys=False))
 
     torch.manual_seed(cfg.seed)
-    bundle = data_mod.load_datasets(data_cfg, seed=cfg.seed)
-    train_loader, test_loader = data_mod.make_loaders(bundle, data_cfg, seed=cfg.seed, distributed=world > 1)
-    calib = data_mod.calibration_batches(bundle, data_cfg, seed=cfg.seed)
-    size = data_mod.input_size(bundle)
-    model = model.to(device)
-    space = build_space(model, size, skip_unsupported=cfg.space.skip_unsupported)
-    dense_macs = measure_macs(model, size)
-    mlog.write("start", strategy=cfg.strategy, budget=cfg.budget, seed=cfg.seed, dense_macs=dense_macs)
-
-    # ---------------------------------------------------------------- search
-    search_file = out / "search.json"
-    ctx = SearchContext(
-        model=model,
-        space=space,
-        budget=cfg.budget,
-        dense_macs=dense_macs,
-        calib=calib,
-        seed=cfg.seed,
-        device=str(device),
-        train_loader=train_loader,
-        work_dir=out / "search_state",
-        progress=cfg.progress and main,
+    run.bundle = data_mod.load_datasets(run.data_cfg, seed=cfg.seed)
+    run.train_loader, run.test_loader = data_mod.make_loaders(
+        run.bundle, run.data_cfg, seed=cfg.seed, distributed=run.world > 1
     )
-    if search_file.is_file():
-        saved = json.loads(search_file.read_text())
-        selection = space.selection(saved["selection"])
-        scales = load_file(str(out / "search_scales.safetensors")) if saved.get("has_scales") else None
-        weights = load_file(str(out / "search_weights.safetensors")) if saved.get("has_weights") else None
-        info, reported = saved["info"], saved.get("reported_macs")
-        timings["search_s"] = saved["search_s"]
-        log.info("search already finished; resuming from %s", search_file)
-    else:
-        (out / "search_state").mkdir(exist_ok=True)
-        t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            result = strategy.search(ctx)
-        timings["search_s"] = time.perf_counter() - t0
-        selection, _ = validate_result(cfg.strategy, ctx, result)
-        scales = {k: v.detach().cpu().contiguous() for k, v in (result.scales or {}).items()}
-        info, reported = result.info, result.reported_macs
-        weights = {k: v.detach().cpu().contiguous() for k, v in (result.weights or {}).items()} or None
-        if main:
-            if scales:
-                with atomic_path(out / "search_scales.safetensors") as tmp:
-                    save_file(scales, str(tmp))
-            if weights:
-                with atomic_path(out / "search_weights.safetensors") as tmp:
-                    save_file(weights, str(tmp))
-            atomic_write_json(
-                search_file,
-                {
-                    "selection": selection.to_lists(),
-                    "info": info,
-                    "reported_macs": reported,
-                    "has_scales": bool(scales),
-                    "has_weights": bool(weights),
-                    "search_s": timings["search_s"],
-                },
-            )
-        mlog.write("search_done", seconds=timings["search_s"], info=info)
-    arch = selection.architecture()
+    run.calib = data_mod.calibration_batches(run.bundle, run.data_cfg, seed=cfg.seed)
+    run.size = data_mod.input_size(run.bundle)
+    run.model = run.model.to(run.device)
+    _check_fits_data(run.model, run.size, run.bundle.num_classes, cfg)
 
-    # -------------------------------------------------- materialise, reweight
+    selection, scales, weights, info, reported = stage_search(run, search_done)
+    fp_rw, rw_done = run.folder.begin(
+        "reweight", {**reweight_inputs, "search": fp_search}, restart=run.restart
+    )
+    run.fingerprints["reweight"] = fp_rw
+    pruned, rw_report = stage_reweight(run, rw_done, selection, scales, weights)
+    fp_ft, ft_done = run.folder.begin("finetune", {**finetune_inputs, "reweight": fp_rw}, restart=run.restart)
+    run.fingerprints["finetune"] = fp_ft
+    before = _evaluate(run, pruned)
+    pruned, ft_record = stage_finetune(run, ft_done, pruned)
+    fp_ev, ev_done = run.folder.begin("evaluate", {**evaluate_inputs, "finetune": fp_ft}, restart=run.restart)
+    run.fingerprints["evaluate"] = fp_ev
+    if ev_done:
+        done = read_json(run.out / "result.json", "result record")
+        if isinstance(done, dict) and done.get("fingerprints", {}).get("evaluate") == fp_ev:
+            log.info("%s already holds a finished run with this config; nothing to do", run.out)
+            return done
+        raise CheckpointError(
+            f"{run.out / 'result.json'} does not match its stage record; rerun with --restart"
+        )
+    return stage_evaluate(run, selection, info, reported, pruned, rw_report, ft_record, before)
+
+
+def _evaluate(run: _Run, model: torch.nn.Module) -> dict[str, Any]:
+    from nas_headprune.evaluator import metrics
+
+    return metrics.evaluate(model, run.test_loader, device=run.device)
+
+
+def stage_search(run: _Run, done: bool) -> tuple[Any, Any, Any, Any, Any]:
+    """Build the space and run the strategy, or read the finished search back."""
+    from safetensors.torch import save_file
+
+    from nas_headprune.atomic import atomic_path, atomic_write_json
+    from nas_headprune.evaluator.measure import measure_macs
+    from nas_headprune.space import build_space
+    from nas_headprune.strategy import SearchContext, validate_result
+
+    cfg, out = run.cfg, run.out
+    run.space = build_space(run.model, run.size, skip_unsupported=cfg.space.skip_unsupported)
+    run.dense_macs = measure_macs(run.model, run.size)
+    run.mlog.write(
+        "start", strategy=cfg.strategy, budget=cfg.budget, seed=cfg.seed, dense_macs=run.dense_macs
+    )
+    search_file = out / "search.json"
+    if done:
+        saved = read_json(search_file, "search record")
+        try:
+            selection = run.space.selection(saved["selection"])
+            scales = read_tensors(out / "search_scales.safetensors") if saved["has_scales"] else None
+            weights = read_tensors(out / "search_weights.safetensors") if saved["has_weights"] else None
+            info, reported = saved["info"], saved["reported_macs"]
+            run.timings["search_s"] = float(saved["search_s"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{search_file} is damaged or was edited ({type(exc).__name__}: {exc}); rerun with --restart"
+            ) from exc
+        log.info("search already finished; resuming from %s", search_file)
+        return selection, scales, weights, info, reported
+    (out / "search_state").mkdir(exist_ok=True)
+    ctx = SearchContext(
+        model=run.model,
+        space=run.space,
+        budget=cfg.budget,
+        dense_macs=run.dense_macs,
+        calib=run.calib,
+        seed=cfg.seed,
+        device=str(run.device),
+        train_loader=run.train_loader,
+        work_dir=out / "search_state",
+        progress=cfg.progress and run.main,
+    )
     t0 = time.perf_counter()
-    if (out / "model" / "pruned.json").is_file() and (out / "reweight.json").is_file():
-        pruned = load_pruned(out / "model").to(device)
-        rw_report = json.loads((out / "reweight.json").read_text())
+    with torch.random.fork_rng(devices=[]):
+        result = run.strategy.search(ctx)
+    run.timings["search_s"] = time.perf_counter() - t0
+    selection, _ = validate_result(cfg.strategy, ctx, result)
+    scales = {k: v.detach().cpu().contiguous() for k, v in (result.scales or {}).items()} or None
+    weights = {k: v.detach().cpu().contiguous() for k, v in (result.weights or {}).items()} or None
+    info, reported = finite_json(result.info)[0], result.reported_macs
+    if run.main:
+        for name, tensors in (("search_scales", scales), ("search_weights", weights)):
+            if tensors:
+                with atomic_path(out / f"{name}.safetensors") as tmp:
+                    save_file(tensors, str(tmp))
+        atomic_write_json(
+            search_file,
+            {
+                "selection": selection.to_lists(),
+                "info": info,
+                "reported_macs": reported,
+                "has_scales": bool(scales),
+                "has_weights": bool(weights),
+                "search_s": run.timings["search_s"],
+                "fingerprint": run.fingerprints["search"],
+            },
+        )
+    run.folder.finish("search")
+    run.mlog.write("search_done", seconds=run.timings["search_s"], info=info)
+    return selection, scales, weights, info, reported
+
+
+def stage_reweight(
+    run: _Run, done: bool, selection: Any, scales: Any, weights: Any
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Materialise the selection (folding scales) and refit the consumers of pruned channels."""
+    from nas_headprune.atomic import atomic_write_json
+    from nas_headprune.evaluator.materialize import materialize
+    from nas_headprune.evaluator.reweight import reweight
+    from nas_headprune.io import load_pruned, save_pruned
+
+    out = run.out
+    t0 = time.perf_counter()
+    if done:
+        pruned = load_pruned(out / "reweighted").to(run.device)
+        rw_report = read_json(out / "reweight.json", "reweight record")
+        _check_architecture(pruned, selection, out / "reweighted")
     else:
-        source = model
+        source = run.model
         if weights:  # the strategy trained the weights with the architecture: prune those
-            source = copy.deepcopy(model)
+            source = copy.deepcopy(run.model)
             try:
                 source.load_state_dict(weights)
             except RuntimeError as exc:
                 raise StrategyError(
-                    f"strategy {cfg.strategy!r} returned weights that do not fit the model: {exc}"
+                    f"strategy {run.cfg.strategy!r} returned weights that do not fit the model: {exc}"
                 ) from exc
-        pruned = materialize(source, space, selection, scales=scales or None)
-        rw_report = reweight(model, pruned, space, calib, rw_cfg, device=device).to_dict()
-        if main:
-            save_pruned(
-                pruned, out / "model", base={"name": record["name"], "kwargs": record.get("kwargs", {})}
-            )
+        pruned = materialize(source, run.space, selection, scales=scales or None)
+        rw_report = reweight(run.model, pruned, run.space, run.calib, run.cfg.reweight, device=run.device)
+        rw_report = finite_json(rw_report.to_dict())[0]
+        if run.main:
+            save_pruned(pruned, out / "reweighted", base=run.base_record())
             atomic_write_json(out / "reweight.json", rw_report)
-    timings["materialize_reweight_s"] = time.perf_counter() - t0
-    mlog.write("reweight_done", report=rw_report)
+        run.folder.finish("reweight")
+    run.timings["materialize_reweight_s"] = time.perf_counter() - t0
+    run.mlog.write("reweight_done", report=rw_report)
+    return pruned, rw_report
 
-    dense_eval = metrics.evaluate(model, test_loader, device=device)
-    before = metrics.evaluate(pruned, test_loader, device=device)
-    mlog.write("evaluated", dense=dense_eval, pruned_before_finetune=before)
 
-    # ------------------------------------------------------------- fine-tune
-    t0 = time.perf_counter()
-    ft_result = None
-    if ft_cfg.epochs > 0:
-        ft_result = ft.finetune(
-            pruned,
-            train_loader,
-            ft_cfg,
-            seed=cfg.seed,
-            device=device,
-            teacher=model if ft_cfg.distill else None,
-            checkpoint_dir=out / "finetune",
-            metrics_log=out / "metrics.jsonl" if main else None,
-            progress=cfg.progress and main,
+def _check_architecture(pruned: torch.nn.Module, selection: Any, where: Path) -> None:
+    """A saved pruned model must have the searched architecture (guards against edited files)."""
+    from nas_headprune.evaluator.materialize import META_ATTR
+
+    saved = (getattr(pruned, META_ATTR, None) or {}).get("architecture")
+    expected = selection.architecture().to_dict()
+    if saved is not None and saved != expected:
+        diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+        raise CheckpointError(
+            f"{where} does not hold the searched architecture (differs at {', '.join(diff[:4])}); "
+            "rerun with --restart"
         )
-        if main:
-            save_pruned(
-                pruned, out / "model", base={"name": record["name"], "kwargs": record.get("kwargs", {})}
-            )
-    timings["finetune_s"] = time.perf_counter() - t0
-    after = metrics.evaluate(pruned, test_loader, device=device)
+
+
+def stage_finetune(
+    run: _Run, done: bool, pruned: torch.nn.Module
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """Fine-tune the reweighted model; ``model/`` holds the result (the final pruned model)."""
+    from nas_headprune.atomic import atomic_write_json
+    from nas_headprune.evaluator import finetune as ft
+    from nas_headprune.io import load_pruned, save_pruned
+
+    out, ft_cfg = run.out, run.cfg.finetune
+    t0 = time.perf_counter()
+    if done:
+        pruned = load_pruned(out / "model").to(run.device)
+        saved = read_json(out / "finetune.json", "fine-tune record")
+        if not isinstance(saved, dict) or "record" not in saved or "seconds" not in saved:
+            raise CheckpointError(f"{out / 'finetune.json'} is damaged or was edited; rerun with --restart")
+        run.timings["finetune_s"] = float(saved["seconds"])
+        return pruned, saved["record"]
+    record = None
+    if ft_cfg.epochs > 0:
+        result = ft.finetune(
+            pruned,
+            run.train_loader,
+            ft_cfg,
+            seed=run.cfg.seed,
+            device=run.device,
+            teacher=run.model if ft_cfg.distill else None,
+            checkpoint_dir=out / "finetune",
+            metrics_log=out / "metrics.jsonl" if run.main else None,
+            progress=run.cfg.progress and run.main,
+        )
+        record = {
+            "epochs_run": result.epochs_run,
+            "steps": result.steps,
+            "final_train_loss": result.final_train_loss,
+            "resumed_from_epoch": result.resumed_from_epoch,
+        }
+    run.timings["finetune_s"] = time.perf_counter() - t0
+    if run.main:
+        save_pruned(pruned, out / "model", base=run.base_record())
+        atomic_write_json(
+            out / "finetune.json", finite_json({"record": record, "seconds": run.timings["finetune_s"]})[0]
+        )
+    run.folder.finish("finetune")
+    return pruned, record
+
+
+def stage_evaluate(
+    run: _Run,
+    selection: Any,
+    info: Any,
+    reported: Any,
+    pruned: torch.nn.Module,
+    rw_report: dict[str, Any],
+    ft_record: dict[str, Any] | None,
+    before: dict[str, Any],
+) -> dict[str, Any]:
+    """Dense and pruned accuracy, MACs, parameters and throughput; writes ``result.json``."""
+    from nas_headprune.atomic import atomic_write_json
+    from nas_headprune.evaluator import metrics
+    from nas_headprune.evaluator.cost import analytic_cost
+    from nas_headprune.evaluator.measure import measure_macs
+
+    cfg, model = run.cfg, run.model
+    dense_eval = _evaluate(run, model)
+    run.mlog.write("evaluated", dense=dense_eval, pruned_before_finetune=before)
+    after = _evaluate(run, pruned)
     throughput = metrics.measure_throughput(
-        {"dense": model, "pruned": pruned}, size, batch_size=cfg.throughput_batch, device=device
+        {"dense": model, "pruned": pruned}, run.size, batch_size=cfg.throughput_batch, device=run.device
     )
-    pruned_macs = measure_macs(pruned, size)
-    cost = ctx.cost(arch)
-    result_record = {
+    pruned_macs = measure_macs(pruned, run.size)
+    arch = selection.architecture()
+    cost = analytic_cost(run.space, arch)
+    dense_macs = run.dense_macs
+    record = {
         "strategy": cfg.strategy,
         "budget": cfg.budget,
         "seed": cfg.seed,
@@ -276,29 +510,27 @@ def run_search(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             "after_finetune": after,
         },
         "reweight": rw_report,
-        "finetune": None
-        if ft_result is None
-        else {
-            "epochs_run": ft_result.epochs_run,
-            "steps": ft_result.steps,
-            "final_train_loss": ft_result.final_train_loss,
-            "resumed_from_epoch": ft_result.resumed_from_epoch,
-        },
+        "finetune": ft_record,
         "throughput": throughput,
         "strategy_info": info,
-        "timings": timings,
+        "timings": run.timings,
         "versions": versions(),
-        "device": device,
-        "config": resolved,
+        "device": str(run.device),
+        "dense_sha256": run.dense_sha256,
+        "fingerprints": run.fingerprints,
+        "config": run.resolved,
     }
-    if main:
-        atomic_write_json(out / "result.json", result_record)
-    mlog.write("done", top1=after.get("top1"), macs_ratio=pruned_macs / dense_macs)
-    ft.cleanup_distributed()
-    return result_record
+    record, replaced = finite_json(record)
+    if replaced:
+        log.warning("non-finite values written as null in result.json: %s", ", ".join(replaced[:8]))
+    if run.main:
+        atomic_write_json(run.out / "result.json", record)
+    run.folder.finish("evaluate")
+    run.mlog.write("done", top1=after.get("top1"), macs_ratio=pruned_macs / dense_macs)
+    return record
 
 
-def run_train(cfg: Any, out: str | Path) -> dict[str, Any]:
+def run_train(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
     """Train a dense model from scratch (``nas-headprune train``); writes a dense model folder."""
     from nas_headprune import data as data_mod
     from nas_headprune.evaluator import finetune as ft
@@ -308,8 +540,7 @@ def run_train(cfg: Any, out: str | Path) -> dict[str, Any]:
     from nas_headprune.models.factory import create_model
 
     out = Path(out)
-    data_cfg = _sub(data_mod.DataConfig, cfg.data, "data")
-    train_cfg = _sub(ft.FinetuneConfig, cfg.train, "train")
+    data_cfg, train_cfg = cfg.data, cfg.train
     device: str | torch.device = resolve_device(cfg.device)
     rank, world, dist_device = ft.init_distributed_from_env()
     if world > 1:

@@ -153,15 +153,26 @@ def test_configured_root_comes_before_env_var(tmp_path, monkeypatch) -> None:
 
 def test_not_found_lists_every_place_and_fix(tmp_path, monkeypatch) -> None:
     _nowhere(monkeypatch, tmp_path)
-    missing_root = tmp_path / "nothing-here"
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "env-empty"))
     with pytest.raises(DataNotFoundError) as info:
-        load_datasets(DataConfig(root=str(missing_root), download=False))
+        load_datasets(DataConfig(download=False))
     msg = str(info.value)
-    for place in (missing_root, tmp_path / "env-empty", data.DEBIAN_FASHION_MNIST_DIR, data.CACHE_DIR):
+    for place in (tmp_path / "env-empty", data.DEBIAN_FASHION_MNIST_DIR, data.CACHE_DIR):
         assert str(place) in msg
     for fix in ("data.root", data.ENV_VAR, "apt-get install dataset-fashion-mnist", "download"):
         assert fix in msg
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_named_root_without_the_files_is_refused_not_replaced(tmp_path, monkeypatch, exists) -> None:
+    _nowhere(monkeypatch, tmp_path)
+    _write_fashion(tmp_path / "env", compress=False)  # a copy elsewhere must not be read instead
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "env"))
+    root = tmp_path / "empty-root"
+    if exists:
+        root.mkdir()
+    with pytest.raises(DataNotFoundError, match=r"data\.root=.*empty-root holds no Fashion-MNIST"):
+        load_datasets(DataConfig(root=str(root), download=False))
 
 
 def test_download_failure_is_caught_and_reported(tmp_path, monkeypatch) -> None:

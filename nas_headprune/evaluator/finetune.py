@@ -41,12 +41,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nas_headprune.atomic import atomic_path
-from nas_headprune.errors import CheckpointError, UsageError
+from nas_headprune.config import FinetuneConfig
+from nas_headprune.errors import CheckpointError, NonFiniteLossError, UsageError
 from nas_headprune.evaluator.metrics import amp_dtype, evaluate, resolve_device, split_batch
 
 __all__ = [
@@ -84,42 +84,6 @@ _CHECKPOINT_KEYS = frozenset(
 )
 # fields that change nothing about the trained weights and so stay out of the fingerprint
 _UNFINGERPRINTED = frozenset({"log_every"})
-
-
-class FinetuneConfig(BaseModel):
-    """How to fine-tune; every field is validated, unknown fields are rejected."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(
-        1, ge=0, description="epochs to train in total (a resumed run counts the finished ones)"
-    )
-    lr: float = Field(5e-4, gt=0, description="peak learning rate, reached at the end of the warm-up")
-    min_lr: float = Field(1e-6, ge=0, description="learning rate of the last step of the cosine decay")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW decoupled weight decay of matrices")
-    warmup_epochs: float = Field(
-        0.1, ge=0, description="linear warm-up length, in epochs (may be fractional)"
-    )
-    grad_clip: float | None = Field(
-        1.0, gt=0, description="max global gradient norm; None turns clipping off"
-    )
-    distill: bool = Field(False, description="distil from the teacher passed to finetune()")
-    distill_alpha: float = Field(
-        0.5, ge=0, le=1, description="weight of the KL term; 1 - alpha weighs cross entropy"
-    )
-    distill_temperature: float = Field(1.0, gt=0, description="softmax temperature of the KL term")
-    amp: bool = Field(
-        True, description="mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU"
-    )
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimizer steps per epoch")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross entropy")
-    log_every: int = Field(50, ge=1, description="steps between two log events")
-
-    @model_validator(mode="after")
-    def _min_lr_below_lr(self) -> FinetuneConfig:
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        return self
 
 
 @dataclass

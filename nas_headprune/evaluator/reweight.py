@@ -53,9 +53,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from nas_headprune.config import ReweightConfig
 from nas_headprune.errors import ArchitectureError, UsageError
 from nas_headprune.space import HeadSpace
 
@@ -63,18 +63,6 @@ log = logging.getLogger(__name__)
 
 Batch = tuple[Tensor, Tensor] | list[Tensor] | Tensor
 _SEED = 0  # token subsampling is deterministic
-
-
-class ReweightConfig(BaseModel):
-    """Options of the reweighting step (``reweight:`` in a run config)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["none", "lstsq", "scales", "lstsq+scales"] = "lstsq"
-    ridge: float = Field(1e-3, ge=0, description="relative damping: lambda = ridge * mean(diag(X^T X))")
-    max_tokens: int = Field(200_000, ge=1, description="calibration tokens per layer for lstsq (subsampled)")
-    scale_steps: int = Field(100, ge=0, description="Adam steps for the per-channel scales")
-    scale_lr: float = Field(1e-2, gt=0, description="Adam learning rate for the scales")
 
 
 @dataclass
