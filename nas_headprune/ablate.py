@@ -58,7 +58,7 @@ def _check_dotted(keys: Any) -> Any:
 class Variant(BaseModel):
     """A named set of dotted overrides."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = Field(pattern=r"^[A-Za-z0-9_.+=-]+$", description="letters, digits and _ . + = -")
     set: dict[str, Any] = Field(default_factory=dict)
 
@@ -72,7 +72,7 @@ class Variant(BaseModel):
 class QuickSpec(BaseModel):
     """What ``--quick`` replaces; ``set`` is merged over the file's ``set``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     strategies: list[str] | None = None
     budgets: list[float] | None = None
     seeds: list[int] | None = None
@@ -84,7 +84,7 @@ class QuickSpec(BaseModel):
 class AblationSpec(BaseModel):
     """An ablation file, validated; unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     base: str = "default"

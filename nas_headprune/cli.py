@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a path that cannot be written or read, a full disk: the OS says why
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
+        # a file where a folder was asked for (or the reverse) is the caller's mistake
+        return 2 if isinstance(exc, (FileExistsError, NotADirectoryError, IsADirectoryError)) else 1
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -229,13 +229,14 @@ class RunFolder:
         self._save_manifest()
 
     # ---------------------------------------------------------------------------------- stages
-    def begin(self, stage: str, inputs: Mapping[str, Any], *, restart: bool = False) -> tuple[str, bool]:
+    def check(self, stage: str, inputs: Mapping[str, Any], *, restart: bool = False) -> tuple[str, bool]:
         """Check ``stage`` against what the folder holds; return ``(fingerprint, done)``.
 
-        ``done`` is True when the stage finished earlier with the same inputs (reuse its files).
-        A stage recorded with other inputs raises :class:`RunFolderError`, or with ``restart`` is
-        redone together with every later stage. A stage begun but not finished with the same
-        inputs returns ``done=False``: it runs again and may resume from its own checkpoints.
+        ``done`` is True when the stage finished earlier with the same inputs and its outputs are
+        still there (reuse them). A stage recorded with other inputs raises
+        :class:`RunFolderError`, or with ``restart`` is removed together with every later stage. A
+        stage begun but not finished with the same inputs returns ``done=False``: it runs again
+        and may resume from its own checkpoints. Nothing is recorded until :meth:`start`.
         """
         fp = fingerprint(inputs)
         if "_foreign" in self._manifest:
@@ -272,15 +273,20 @@ class RunFolder:
                 )
                 self.reset(stage)
                 record = None
-        if record is None:
-            # a later stage recorded while this one is not: remove it, it cannot be trusted
-            later = [s for s in STAGES[STAGES.index(stage) + 1 :] if s in self._manifest]
-            if later:
-                self.reset(stage)
-            self._manifest[stage] = {"fingerprint": fp, "inputs": dict(inputs), "status": "running"}
-            self._save_manifest()
-            return fp, False
-        return fp, record.get("status") == "done"
+        return fp, record is not None and record.get("status") == "done"
+
+    def start(self, stage: str, inputs: Mapping[str, Any]) -> None:
+        """Record that ``stage`` runs with ``inputs``; later stages' records and files are removed
+        (they were made from an earlier run of this stage and cannot be trusted)."""
+        later = STAGES[STAGES.index(stage) + 1 :]
+        if any(s in self._manifest for s in later):
+            self.reset(later[0])
+        self._manifest[stage] = {
+            "fingerprint": fingerprint(inputs),
+            "inputs": dict(inputs),
+            "status": "running",
+        }
+        self._save_manifest()
 
     def finish(self, stage: str, **extra: Any) -> None:
         """Mark ``stage`` done (after its files are written)."""

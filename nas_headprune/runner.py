@@ -162,6 +162,7 @@ class _Run:
     dense_sha256: str
     timings: dict[str, float] = field(default_factory=dict)
     fingerprints: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # filled by the stages
     bundle: Any = None
     train_loader: Any = None
@@ -246,9 +247,29 @@ def _pipeline(run: _Run) -> dict[str, Any]:
         "data": {k: run.resolved["data"][k] for k in ("test_subset", "eval_batch_size")},
         "throughput_batch": cfg.throughput_batch,
     }
-    # check every recorded stage against this config before any work (and before data loads)
-    fp_search, search_done = run.folder.begin("search", search_inputs, restart=run.restart)
-    run.fingerprints["search"] = fp_search
+    # every recorded stage is checked against this config before any work (and before data loads)
+    chain = {
+        "search": search_inputs,
+        "reweight": reweight_inputs,
+        "finetune": finetune_inputs,
+        "evaluate": evaluate_inputs,
+    }
+    done: dict[str, bool] = {}
+    previous = None
+    for stage, inputs in chain.items():
+        if previous is not None:
+            inputs[previous] = run.fingerprints[previous]  # a stage depends on the one before it
+        run.fingerprints[stage], done[stage] = run.folder.check(stage, inputs, restart=run.restart)
+        previous = stage
+    run.inputs = chain
+    if done["evaluate"]:
+        record = read_json(run.out / "result.json", "result record")
+        if not isinstance(record, dict) or record.get("fingerprints") != run.fingerprints:
+            raise CheckpointError(
+                f"{run.out / 'result.json'} does not match its stage records; rerun with --restart"
+            )
+        log.info("%s already holds a finished run with this config; nothing to do", run.out)
+        return record
     if run.main:
         atomic_write_text(run.out / "config.resolved.yaml", yaml.safe_dump(run.resolved, sort_keys=False))
 
@@ -262,26 +283,10 @@ def _pipeline(run: _Run) -> dict[str, Any]:
     run.model = run.model.to(run.device)
     _check_fits_data(run.model, run.size, run.bundle.num_classes, cfg)
 
-    selection, scales, weights, info, reported = stage_search(run, search_done)
-    fp_rw, rw_done = run.folder.begin(
-        "reweight", {**reweight_inputs, "search": fp_search}, restart=run.restart
-    )
-    run.fingerprints["reweight"] = fp_rw
-    pruned, rw_report = stage_reweight(run, rw_done, selection, scales, weights)
-    fp_ft, ft_done = run.folder.begin("finetune", {**finetune_inputs, "reweight": fp_rw}, restart=run.restart)
-    run.fingerprints["finetune"] = fp_ft
+    selection, scales, weights, info, reported = stage_search(run, done["search"])
+    pruned, rw_report = stage_reweight(run, done["reweight"], selection, scales, weights)
     before = _evaluate(run, pruned)
-    pruned, ft_record = stage_finetune(run, ft_done, pruned)
-    fp_ev, ev_done = run.folder.begin("evaluate", {**evaluate_inputs, "finetune": fp_ft}, restart=run.restart)
-    run.fingerprints["evaluate"] = fp_ev
-    if ev_done:
-        done = read_json(run.out / "result.json", "result record")
-        if isinstance(done, dict) and done.get("fingerprints", {}).get("evaluate") == fp_ev:
-            log.info("%s already holds a finished run with this config; nothing to do", run.out)
-            return done
-        raise CheckpointError(
-            f"{run.out / 'result.json'} does not match its stage record; rerun with --restart"
-        )
+    pruned, ft_record = stage_finetune(run, done["finetune"], pruned)
     return stage_evaluate(run, selection, info, reported, pruned, rw_report, ft_record, before)
 
 
@@ -321,6 +326,7 @@ def stage_search(run: _Run, done: bool) -> tuple[Any, Any, Any, Any, Any]:
             ) from exc
         log.info("search already finished; resuming from %s", search_file)
         return selection, scales, weights, info, reported
+    run.folder.start("search", run.inputs["search"])
     (out / "search_state").mkdir(exist_ok=True)
     ctx = SearchContext(
         model=run.model,
@@ -380,6 +386,7 @@ def stage_reweight(
         rw_report = read_json(out / "reweight.json", "reweight record")
         _check_architecture(pruned, selection, out / "reweighted")
     else:
+        run.folder.start("reweight", run.inputs["reweight"])
         source = run.model
         if weights:  # the strategy trained the weights with the architecture: prune those
             source = copy.deepcopy(run.model)
@@ -432,6 +439,7 @@ def stage_finetune(
             raise CheckpointError(f"{out / 'finetune.json'} is damaged or was edited; rerun with --restart")
         run.timings["finetune_s"] = float(saved["seconds"])
         return pruned, saved["record"]
+    run.folder.start("finetune", run.inputs["finetune"])
     record = None
     if ft_cfg.epochs > 0:
         result = ft.finetune(
@@ -478,6 +486,7 @@ def stage_evaluate(
     from nas_headprune.evaluator.measure import measure_macs
 
     cfg, model = run.cfg, run.model
+    run.folder.start("evaluate", run.inputs["evaluate"])
     dense_eval = _evaluate(run, model)
     run.mlog.write("evaluated", dense=dense_eval, pruned_before_finetune=before)
     after = _evaluate(run, pruned)

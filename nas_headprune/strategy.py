@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 class StrategyConfig(BaseModel):
     """Base of every strategy's ``Config``: unknown fields are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ScoringConfig(StrategyConfig):

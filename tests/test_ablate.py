@@ -106,6 +106,23 @@ def test_unknown_strategy_fails_before_any_trial_runs(tmp_path):
     assert not (tmp_path / "ab" / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "where, key, value",
+    [
+        ("grid", "finetune.lrr", [1e-3]),
+        ("grid", "reweight.mode", ["lstsq", "bogus"]),
+        ("grid", "data.batch_size", [64, 0]),
+        ("grid", "finetune.lr", [1e-3, float("nan")]),
+    ],
+)
+def test_every_section_of_every_trial_is_validated_before_any_trial_runs(tmp_path, where, key, value):
+    spec = tiny_spec(strategies=["magnitude", "random"], **{where: {key: value}})
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        run_ablation(spec, tmp_path / "ab", progress=False)
+    assert "trial " in str(err.value)
+    assert not (tmp_path / "ab" / "runs").exists()
+
+
 @pytest.mark.parametrize("preset", ["fmnist_baselines", "flatten_baselines", "components"])
 def test_presets_validate_and_have_a_quick_version(preset):
     from nas_headprune.ablate import validate_trials
