@@ -85,6 +85,8 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a nas-headprune pruned model (format tag missing)")
     if record.get("format_version") != FORMAT_VERSION:
@@ -94,7 +96,43 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
     for key in ("base", "input_size", "architecture"):
         if key not in record:
             raise CheckpointError(f"{path} lacks the field {key!r}")
+    _check_record_types(record, path)
     return record
+
+
+def _check_record_types(record: dict[str, Any], path: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first field of ``record`` whose type is wrong."""
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    base = record["base"]
+    problems = []
+    if not isinstance(base, dict) or not isinstance(base.get("name"), str):
+        problems.append(f"'base' must be {{'name': str, 'kwargs': {{...}}}}, not {short(base)}")
+    elif not isinstance(base.get("kwargs", {}), dict):
+        problems.append(
+            f"'base.kwargs' must be a mapping of constructor arguments, not {short(base['kwargs'])}"
+        )
+    size = record["input_size"]
+    if not isinstance(size, list) or not size or not all(is_int(n) and n > 0 for n in size):
+        problems.append(
+            f"'input_size' must be a list of positive integers such as [3, 224, 224], not {short(size)}"
+        )
+    arch = record["architecture"]
+    if not isinstance(arch, dict) or not all(isinstance(k, str) and is_int(v) for k, v in arch.items()):
+        problems.append(f"'architecture' must map dimension labels to integer widths, not {short(arch)}")
+    scaled = record.get("scaled", [])
+    if not isinstance(scaled, list) or not all(isinstance(label, str) for label in scaled):
+        problems.append(f"'scaled' must be a list of dimension labels, not {short(scaled)}")
+    if not isinstance(record.get("skip_unsupported", False), bool):
+        problems.append(f"'skip_unsupported' must be true or false, not {record['skip_unsupported']!r}")
+    if problems:
+        raise CheckpointError(f"{path} is damaged: {problems[0]}")
 
 
 def load_pruned(directory: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
@@ -110,11 +148,18 @@ def load_pruned(directory: str | os.PathLike, map_location: str = "cpu") -> nn.M
     base = record["base"]
     try:
         model = create_model(base["name"], **base.get("kwargs", {}))
-    except (TypeError, UsageError) as exc:
+    except (TypeError, ValueError) as exc:  # UsageError (an unknown name) is a ValueError too
         raise CheckpointError(f"cannot rebuild base model {base['name']!r} from {directory}: {exc}") from exc
-    space = build_space(
-        model, tuple(record["input_size"]), skip_unsupported=record.get("skip_unsupported", False)
-    )
+    try:
+        space = build_space(
+            model, tuple(record["input_size"]), skip_unsupported=record.get("skip_unsupported", False)
+        )
+    # an input size the model cannot run on: timm checks image sizes with assert, torch raises RuntimeError
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot rebuild the search space of {base['name']!r} from {Path(directory) / ARCH_FILE} "
+            f"(input_size {record['input_size']}): {exc}"
+        ) from exc
     try:
         selection = space.first_channels(record["architecture"])
     except ArchitectureError as exc:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from nas_headprune.allocate import BudgetError, check_reachable
 from nas_headprune.atomic import atomic_path
-from nas_headprune.errors import ArchitectureError, CheckpointError, UsageError
+from nas_headprune.errors import ArchitectureError, CheckpointError, NonFiniteLossError, UsageError
 from nas_headprune.evaluator.cost import analytic_cost
 from nas_headprune.space import (
     QUERY_SCALE,
@@ -64,6 +64,25 @@ _FORMAT = 1
 _EPS = 1e-12
 #: config fields that do not change the result (left out of the resume fingerprint)
 _NOT_FINGERPRINTED = ("checkpoint_every",)
+#: what :meth:`SimilarityIndicator._save` writes (``cuda_rng`` may be None)
+_STATE_KEYS = frozenset(
+    {
+        "format",
+        "fingerprint",
+        "step",
+        "indicators",
+        "gammas",
+        "similarity",
+        "model",
+        "optimizer",
+        "rng",
+        "cuda_rng",
+        "batches",
+        "history",
+        "init_layers",
+        "init_skipped",
+    }
+)
 
 
 class SimilarityIndicatorConfig(StrategyConfig):
@@ -644,10 +663,70 @@ def load_searched_weights(model: nn.Module, work_dir: str | Path) -> nn.Module:
     if not path.is_file():
         raise CheckpointError(f"{path}: no similarity_indicator checkpoint here")
     device = next(model.parameters()).device
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = _read_state(path, device)
+    if "model" not in state:
+        raise CheckpointError(f"{path}: the search checkpoint holds no trained weights ('model' is missing)")
     trained = copy.deepcopy(model)
-    trained.load_state_dict(state["model"])
+    try:
+        trained.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, KeyError) as exc:
+        raise CheckpointError(
+            f"{path}: the trained weights do not fit the model ({type(exc).__name__}: {exc})"
+        ) from exc
     return trained
+
+
+def _check_state(state: Mapping[str, Any], space: HeadSpace, path: Path | None) -> None:
+    """Raise :class:`CheckpointError` when an entry of a search checkpoint whose fingerprint matches
+    has the wrong type, or an indicator / similarity tensor is missing or of the wrong shape."""
+    problem = _state_problem(state, space)
+    if problem is not None:
+        raise CheckpointError(f"{path}: the search checkpoint is damaged: {problem}; delete it to start over")
+
+
+def _state_problem(state: Mapping[str, Any], space: HeadSpace) -> str | None:
+    kinds: dict[str, type] = {
+        "step": int,
+        "rng": Tensor,
+        "indicators": dict,
+        "gammas": dict,
+        "similarity": dict,
+        "model": dict,
+        "optimizer": dict,
+        "batches": dict,
+        "history": dict,
+        "init_layers": list,
+        "init_skipped": list,
+    }
+    for key, kind in kinds.items():
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key!r} has type {type(value).__name__}, expected {kind.__name__}"
+    for entry in ("indicators", "similarity"):
+        for label in space.dims:
+            value = state[entry].get(label)
+            if not isinstance(value, Tensor):
+                return f"{entry} of {label!r} is missing"
+            if tuple(value.shape) != _shape(space, label):
+                return f"{entry} of {label!r} has shape {tuple(value.shape)}, expected {_shape(space, label)}"
+    return None
+
+
+def _read_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """The search checkpoint at ``path`` as a dict; a file torch cannot load, or that holds no
+    dict, is a :class:`CheckpointError` saying how to start over."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch.load raises many types for a damaged file; all mean the same here
+        raise CheckpointError(
+            f"{path}: cannot read the search checkpoint ({type(exc).__name__}: {exc}); delete it to start over"
+        ) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path}: not a similarity_indicator search checkpoint (it holds a {type(state).__name__}, "
+            "not a dict); delete it to start over"
+        )
+    return state
 
 
 # =========================================================================== strategy
@@ -745,17 +824,18 @@ class SimilarityIndicator(Strategy):
     def _load_checkpoint(self, path: Path | None, fingerprint: str, device: torch.device) -> dict | None:
         if path is None or not path.is_file():
             return None
-        try:
-            state = torch.load(path, map_location=device, weights_only=True)
-        except Exception as exc:  # torn or foreign: say which file, never guess
-            raise CheckpointError(
-                f"{path}: cannot read the search checkpoint ({exc}); delete it to start over"
-            ) from exc
+        state = _read_state(path, device)
         if state.get("format") != _FORMAT or state.get("fingerprint") != fingerprint:
             log.warning(
                 "%s belongs to another search (model, budget, seed or config differ); starting over", path
             )
             return None
+        missing = sorted(_STATE_KEYS - state.keys())
+        if missing:
+            raise CheckpointError(
+                f"{path}: the search checkpoint is incomplete, it lacks {', '.join(missing)}; "
+                "delete it to start over"
+            )
         return state
 
     def _setup(self, ctx: SearchContext, space: HeadSpace, cfg: SimilarityIndicatorConfig) -> _Run:
@@ -767,6 +847,8 @@ class SimilarityIndicator(Strategy):
         ckpt_path = Path(ctx.work_dir) / CHECKPOINT_NAME if ctx.work_dir is not None else None
         fingerprint = self._fingerprint(ctx, space, cfg) if ckpt_path is not None else ""
         saved = self._load_checkpoint(ckpt_path, fingerprint, device)
+        if saved is not None:
+            _check_state(saved, space, ckpt_path)
 
         modules = dict(ctx.model.named_modules())
         foldable: list[str] = []
@@ -855,17 +937,24 @@ class SimilarityIndicator(Strategy):
             if device.type == "cuda":
                 torch.cuda.manual_seed(ctx.rng("similarity_indicator:cuda").getrandbits(62))
             return run
-        with torch.no_grad():
-            for k, p in gammas.items():
-                p.copy_(saved["gammas"][k])
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        run.history = _History.from_state(saved["history"])
-        run.step = run.resumed_from = run.last_saved = int(saved["step"])
-        run.batches.restore(saved["batches"])
-        torch.set_rng_state(saved["rng"].cpu())
-        if saved.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+        try:
+            with torch.no_grad():
+                for k, p in gammas.items():
+                    p.copy_(saved["gammas"][k])
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            run.history = _History.from_state(saved["history"])
+            run.step = run.resumed_from = run.last_saved = int(saved["step"])
+            run.batches.restore(saved["batches"])
+            torch.set_rng_state(saved["rng"].cpu())
+            if saved.get("cuda_rng") is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+        # entries of the wrong type or shape in a file whose fingerprint matches: edited or damaged
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{ckpt_path}: the search checkpoint is damaged ({type(exc).__name__}: {exc}); "
+                "delete it to start over"
+            ) from exc
         log.info("resuming the search from step %d of %d (%s)", run.step, cfg.steps, ckpt_path)
         return run
 
@@ -939,7 +1028,16 @@ class SimilarityIndicator(Strategy):
 
                 run.step += 1
                 r = float(ratio.detach())
-                history.loss.append(float(loss.detach()))
+                loss_value = float(loss.detach())  # synced for the history anyway: checking it is free
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLossError(
+                        f"similarity_indicator: the search loss is {loss_value} at step {run.step} of "
+                        f"{cfg.steps} (task loss {float(task.detach())}); the search stops without saving "
+                        f"this step. Lower strategy_options.lr_weights (now {cfg.lr_weights:g}) or "
+                        f"strategy_options.lr_indicator (now {cfg.lr_indicator:g}), or check the model "
+                        "and data for NaN or inf values"
+                    )
+                history.loss.append(loss_value)
                 history.task.append(float(task.detach()))
                 history.ratio.append(r)
                 if history.first_within is None and r <= 1.0:

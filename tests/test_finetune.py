@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nas_headprune.atomic import atomic_path, atomic_write_json, atomic_write_text
-from nas_headprune.errors import CheckpointError, UsageError
+from nas_headprune.errors import CheckpointError, NonFiniteLossError, UsageError
 from nas_headprune.evaluator.finetune import (
     CHECKPOINT_NAME,
     FinetuneConfig,
@@ -308,12 +309,16 @@ def test_fingerprint_mismatch_raises_and_resume_false_starts_over(tmp_path: Path
     assert result.resumed_from_epoch is None and result.epochs_run == 1
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign"])
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "foreign", "not-a-dict"])
 def test_corrupt_checkpoint_raises_naming_the_file(tmp_path: Path, damage: str) -> None:
     cfg = FinetuneConfig(epochs=1, max_steps_per_epoch=2)
     path = tmp_path / CHECKPOINT_NAME
     if damage == "garbage":
         path.write_bytes(b"this is not a checkpoint")
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "not-a-dict":
+        torch.save([torch.zeros(3)], path)
     elif damage == "truncated":
         finetune(_mlp(), _loader(_train_set(256)), cfg, seed=0, checkpoint_dir=tmp_path, progress=False)
         data = path.read_bytes()
@@ -323,6 +328,84 @@ def test_corrupt_checkpoint_raises_naming_the_file(tmp_path: Path, damage: str) 
     with pytest.raises(CheckpointError) as info:
         finetune(_mlp(), _loader(_train_set(256)), cfg, seed=0, checkpoint_dir=tmp_path, progress=False)
     assert str(path) in str(info.value)
+
+
+# a checkpoint with the right format tag and fingerprint whose entries were edited or damaged
+DAMAGED_ENTRIES = {
+    "epoch-not-an-int": ({"epoch": "one"}, "'epoch' has type str, expected int"),
+    "step-missing-value": ({"step": None}, "'step' has type NoneType, expected int"),
+    "history-not-a-list": ({"history": 5}, "'history' has type int, expected list"),
+    "model-not-a-dict": ({"model": torch.zeros(3)}, "'model' has type Tensor, expected dict"),
+    "model-wrong-shape": ({"model": {"1.weight": torch.zeros(3, 3)}}, "does not fit this model"),
+    "rng-empty": ({"rng": []}, "'rng' must be a non-empty list"),
+    "rng-damaged": ({"rng": [{"torch": "state"}]}, "random states cannot be restored"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGED_ENTRIES))
+def test_damaged_checkpoint_entries_raise_naming_the_file(tmp_path: Path, kind: str) -> None:
+    cfg = FinetuneConfig(epochs=2, max_steps_per_epoch=2)
+    path = tmp_path / CHECKPOINT_NAME
+    finetune(_mlp(), _loader(_train_set(256)), cfg, seed=0, checkpoint_dir=tmp_path, progress=False)
+    changes, message = DAMAGED_ENTRIES[kind]
+    state = torch.load(path, weights_only=True)
+    state["epoch"] = 1  # one epoch left, so the run resumes
+    state.update(changes)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=re.escape(str(path))) as info:
+        finetune(_mlp(), _loader(_train_set(256)), cfg, seed=0, checkpoint_dir=tmp_path, progress=False)
+    assert message in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a diverging run stops with NonFiniteLossError and saves nothing of the bad epoch
+
+
+@pytest.mark.parametrize("log_every", [1, 50])
+def test_diverging_loss_stops_the_run_without_a_checkpoint(tmp_path: Path, log_every: int) -> None:
+    # lr=1e30: the first AdamW step moves every weight by about 1e30, the next logits overflow
+    cfg = FinetuneConfig(epochs=1, lr=1e30, min_lr=0.0, max_steps_per_epoch=4, log_every=log_every)
+    log = tmp_path / "metrics.jsonl"
+    with pytest.raises(
+        NonFiniteLossError, match=r"training loss is (nan|inf|-inf) at step 2 \(epoch 1 of 1\)"
+    ) as info:
+        finetune(
+            _mlp(),
+            _loader(_train_set(256)),
+            cfg,
+            seed=0,
+            checkpoint_dir=tmp_path,
+            metrics_log=log,
+            progress=False,
+        )
+    assert "finetune.lr" in str(info.value) and "1e+30" in str(info.value)
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()] if log.exists() else []
+    assert "epoch" not in events
+
+
+def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    cfg = FinetuneConfig(epochs=3, max_steps_per_epoch=2)
+    model = _mlp()
+
+    def poison(epoch: int, record: dict) -> None:
+        if epoch == 0:
+            with torch.no_grad():
+                model[1].weight[0, 0] = float("nan")  # every later forward gives NaN logits
+
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at step 3 \(epoch 2 of 3\)"):
+        finetune(
+            model,
+            _loader(_train_set(256)),
+            cfg,
+            seed=0,
+            checkpoint_dir=tmp_path,
+            progress=False,
+            on_epoch_end=poison,
+        )
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 2  # the checkpoint of the last finite epoch
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path: Path) -> None:

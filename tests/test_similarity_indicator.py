@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, TensorDataset
 
-from nas_headprune.errors import ArchitectureError, ConfigError
+from nas_headprune.errors import ArchitectureError, CheckpointError, ConfigError, NonFiniteLossError
 from nas_headprune.evaluator.cost import analytic_cost, linear_attention_macs
 from nas_headprune.evaluator.materialize import materialize
 from nas_headprune.registry import make_strategy
@@ -29,6 +31,7 @@ from nas_headprune.strategies.similarity_indicator import (
     channel_gram,
     fit_budget,
     indicator_init_from_difference,
+    load_searched_weights,
     query_subset,
     similarity_weights,
     weights_from_gram,
@@ -359,6 +362,97 @@ def test_checkpoint_of_another_search_is_not_resumed(tmp_path) -> None:
     strategy = Recording({**FAST, "checkpoint_every": 2})
     result = strategy.search(ctx_other)
     assert result.info["resumed_from_step"] is None and sorted(strategy.masks) == [1, 2, 3, 4]
+
+
+# ------------------------------------------------ damaged checkpoints and diverging searches
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The work folder of a finished FAST search on ``tiny_context(budget=0.5)``."""
+    work = tmp_path_factory.mktemp("search")
+    ctx = tiny_context(budget=0.5)
+    ctx.work_dir = work
+    make_strategy("similarity_indicator", {**FAST, "checkpoint_every": 2}).search(ctx)
+    return work
+
+
+def _edit_state(edit):
+    def damage(path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        edit(state)
+        torch.save(state, path)
+
+    return damage
+
+
+def _first(mapping: dict) -> str:
+    return sorted(mapping)[0]
+
+
+SEARCH_DAMAGE = {
+    "empty": (lambda p: p.write_bytes(b""), "cannot read the search checkpoint"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:1000]), "cannot read the search checkpoint"),
+    "garbage": (lambda p: p.write_bytes(b"\xff not a checkpoint " * 9), "cannot read the search checkpoint"),
+    "not-a-dict": (lambda p: torch.save([torch.zeros(2)], p), "holds a list, not a dict"),
+    "missing-key": (_edit_state(lambda s: s.pop("optimizer")), "incomplete, it lacks optimizer"),
+    "step-not-an-int": (_edit_state(lambda s: s.update(step="4")), "'step' has type str, expected int"),
+    "indicator-missing": (
+        _edit_state(lambda s: s["indicators"].pop(_first(s["indicators"]))),
+        "indicators of 'blocks.0.attn:qk' is missing",
+    ),
+    "indicator-wrong-shape": (
+        _edit_state(lambda s: s["indicators"].update({_first(s["indicators"]): torch.ones(3)})),
+        "indicators of 'blocks.0.attn:qk' has shape (3,), expected (4, 8)",
+    ),
+    "weights-wrong-shape": (
+        _edit_state(lambda s: s["model"].update({_first(s["model"]): torch.zeros(1)})),
+        "damaged (RuntimeError",
+    ),
+    "history-damaged": (_edit_state(lambda s: s.update(history={})), "damaged (KeyError"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SEARCH_DAMAGE))
+def test_damaged_search_checkpoint_raises_naming_the_file(
+    finished_search: Path, tmp_path: Path, kind: str
+) -> None:
+    damage, message = SEARCH_DAMAGE[kind]
+    ctx = tiny_context(budget=0.5)
+    ctx.work_dir = Path(shutil.copytree(finished_search, tmp_path / "work"))
+    path = ctx.work_dir / CHECKPOINT_NAME
+    damage(path)
+    with pytest.raises(CheckpointError, match=re.escape(str(path))) as info:
+        make_strategy("similarity_indicator", {**FAST, "checkpoint_every": 2}).search(ctx)
+    assert message in str(info.value) and "delete it to start over" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "not-a-dict", "no-weights", "weights-wrong-shape"])
+def test_damaged_search_checkpoint_in_load_searched_weights(
+    finished_search: Path, tmp_path: Path, kind: str
+) -> None:
+    work = Path(shutil.copytree(finished_search, tmp_path / "work"))
+    path = work / CHECKPOINT_NAME
+    damage = {
+        "no-weights": _edit_state(lambda s: s.pop("model")),
+        **{k: v[0] for k, v in SEARCH_DAMAGE.items()},
+    }[kind]
+    damage(path)
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        load_searched_weights(tiny_context(budget=0.5).model, work)
+
+
+def test_diverging_search_stops_and_keeps_the_last_finite_checkpoint(tmp_path) -> None:
+    ctx = tiny_context(budget=0.5)
+    ctx.work_dir = tmp_path
+    # lr_weights=1e30: the first step moves every weight by about 1e30, the next forward overflows
+    strategy = Recording({**FAST, "checkpoint_every": 1, "lr_weights": 1e30})
+    with pytest.raises(NonFiniteLossError, match=r"search loss is nan at step 2 of 4") as info:
+        strategy.search(ctx)
+    assert "strategy_options.lr_weights (now 1e+30)" in str(info.value)
+    assert sorted(strategy.masks) == [1]  # step 2 ended in the error, before its hook and checkpoint
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["step"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 # ------------------------------------------------------ 3.5 linear attention initialisation

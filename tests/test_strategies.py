@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nas_headprune.allocate import BudgetError, allocate
-from nas_headprune.errors import ConfigError, StrategyError, UnknownNameError
+from nas_headprune.errors import ConfigError, NonFiniteLossError, StrategyError, UnknownNameError
 from nas_headprune.registry import STRATEGY_GROUP, list_plugins, make_strategy, strategy_class
 from nas_headprune.strategy import ScoringStrategy, SearchResult, Strategy, validate_result
 from nas_headprune.testing import run_conformance, tiny_context
@@ -75,6 +75,14 @@ def test_magnitude_ranks_by_norm() -> None:
     w2 = ctx.model.blocks[0].mlp.fc2.weight
     expected = w.abs().sum(1) + b.abs() + w2.abs().sum(0)
     torch.testing.assert_close(scores["blocks.0.mlp:hidden"].float(), expected.detach())
+
+
+def test_taylor_refuses_a_model_whose_loss_is_not_finite() -> None:
+    ctx = tiny_context()
+    with torch.no_grad():
+        ctx.model.head.weight[0, 0] = float("nan")  # NaN logits: every gradient and score would be NaN
+    with pytest.raises(NonFiniteLossError, match=r"taylor: the loss of calibration batch 0 is nan \(2 of 2"):
+        make_strategy("taylor").search(ctx)
 
 
 def test_unknown_strategy_and_bad_options() -> None:

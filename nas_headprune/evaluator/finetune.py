@@ -280,6 +280,31 @@ def _read_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
     missing = sorted(_CHECKPOINT_KEYS - state.keys())
     if missing:
         raise CheckpointError(f"fine-tune checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
+    # what each entry must be; a file that passes the format tag but not this was edited or damaged
+    kinds: dict[str, tuple[type, ...]] = {
+        "format_version": (int,),
+        "fingerprint": (str,),
+        "epoch": (int,),
+        "step": (int,),
+        "model": (dict,),
+        "optimizer": (dict,),
+        "scheduler": (dict,),
+        "scaler": (dict,),
+        "rng": (list,),
+        "history": (list,),
+    }
+    for key, kind in kinds.items():
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(
+                f"fine-tune checkpoint {path} is damaged: {key!r} has type {type(value).__name__}, "
+                f"expected {' or '.join(k.__name__ for k in kind)}; delete it or pass resume=False to start over"
+            )
+    if not state["rng"] or not all(isinstance(r, dict) for r in state["rng"]):
+        raise CheckpointError(
+            f"fine-tune checkpoint {path} is damaged: 'rng' must be a non-empty list of random states; "
+            "delete it or pass resume=False to start over"
+        )
     if state["format_version"] != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"fine-tune checkpoint {path} has format version {state['format_version']}, "
@@ -442,12 +467,10 @@ def finetune(
             base.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(
                 f"fine-tune checkpoint {ckpt_path} does not fit this model or optimizer: {exc}"
             ) from exc
-        if state["scaler"] and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
         rng_states = state["rng"]
         if len(rng_states) != world_size:
             logger.warning(
@@ -456,7 +479,15 @@ def finetune(
                 len(rng_states),
                 world_size,
             )
-        _restore_rng_state(rng_states[rank % len(rng_states)])
+        try:
+            if state["scaler"] and scaler.is_enabled():
+                scaler.load_state_dict(state["scaler"])
+            _restore_rng_state(rng_states[rank % len(rng_states)])
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"fine-tune checkpoint {ckpt_path} is damaged: its scaler or random states cannot be restored "
+                f"({type(exc).__name__}: {exc}); delete it or pass resume=False to start over"
+            ) from exc
         start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
         resumed_from = start_epoch
         logger.info(
@@ -539,6 +570,34 @@ def finetune(
     )
 
 
+class _NonFiniteWatch:
+    """The first optimizer step of an epoch whose training loss is NaN or infinite.
+
+    :meth:`update` runs every step without a host sync (a few scalar device ops, no ``.item()``);
+    :meth:`raise_error` reads the result where the loop syncs anyway: at a log event and at the end
+    of the epoch, before the epoch's checkpoint is written.
+    """
+
+    def __init__(self, dev: torch.device) -> None:
+        self.step = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.value = torch.zeros((), dtype=torch.float64, device=dev)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        first = ~torch.isfinite(loss) & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.value = torch.where(first, loss, self.value)
+
+    def raise_error(self, epoch: int, cfg: FinetuneConfig) -> None:
+        step = int(self.step)
+        where = f"at step {step}" if step >= 0 else "on another rank"
+        value = f"{float(self.value)} " if step >= 0 else "non-finite "
+        raise NonFiniteLossError(
+            f"training loss is {value}{where} (epoch {epoch + 1} of {cfg.epochs}); the run stops without "
+            f"saving a checkpoint of this epoch. Lower the learning rate: finetune.lr (train.lr for "
+            f"`nas-headprune train`) is {cfg.lr:g}; or check the model and data for NaN or inf values"
+        )
+
+
 def _train_epoch(
     *,
     train_model: nn.Module,
@@ -567,6 +626,7 @@ def _train_epoch(
     window_sum = torch.zeros((), dtype=torch.float64, device=dev)
     window_n = 0
     done = 0
+    watch = _NonFiniteWatch(dev)
     lr = optimizer.param_groups[0]["lr"]
     for batch in itertools.islice(loader, steps_per_epoch):
         inputs, targets = split_batch(batch)
@@ -601,13 +661,16 @@ def _train_epoch(
         step += 1
         done += 1
         detached = loss.detach().double()
+        watch.update(detached, step)
         epoch_sum += detached
         window_sum += detached
         window_n += 1
         if step % cfg.log_every == 0:
             mean = window_sum.item() / window_n
-            if not math.isfinite(mean):
-                logger.warning("training loss is %s at step %d (epoch %d)", mean, step, epoch)
+            # under DDP the ranks stop together at the end of the epoch, after the all-reduce below:
+            # a rank that raised here alone would leave the others waiting in their next backward
+            if not math.isfinite(mean) and not _distributed():
+                watch.raise_error(epoch, cfg)
             log.write({"event": "step", "epoch": epoch, "step": step, "loss": mean, "lr": lr})
             logger.debug("step %d: loss %.4f, lr %.3g", step, mean, lr)
             bar.update(task, loss=f"{mean:.4f}")
@@ -623,6 +686,8 @@ def _train_epoch(
         dist.all_reduce(totals)
     loss_sum, batches = totals.tolist()
     bar.remove_task(task)
+    if not math.isfinite(loss_sum):  # any rank's NaN or inf makes the all-reduced sum non-finite
+        watch.raise_error(epoch, cfg)
     return {
         "epoch": epoch,
         "step": step,

@@ -19,7 +19,6 @@ and the measured parameter / MACs table (``python -m nas_headprune.models.flatte
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from nas_headprune.errors import ArchitectureError, CheckpointError, UnknownNameError, UsageError
+from nas_headprune.models.dense import read_torch_file
 
 __all__ = [
     "FocusedLinearAttention",
@@ -527,6 +527,11 @@ def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             state_dict = inner
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"checkpoint holds a {type(state_dict).__name__}, not a state dict")
+    bad = [repr(k) for k, v in state_dict.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint is not a state dict: entries that are not name -> tensor: {_names(bad, 3)}"
+        )
     out = {}
     for key, value in state_dict.items():
         out[key[len("module.") :] if key.startswith("module.") else key] = value  # DDP prefix
@@ -591,19 +596,20 @@ def load_official_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     Raises :class:`CheckpointError` naming the missing and unexpected keys, or the first tensors
     whose shapes differ, when the checkpoint does not fit the model.
     """
+    # the official training script also pickles its yacs config next to the weights
+    raw = read_torch_file(
+        path,
+        "The official training script saves its yacs config beside the weights. If you trust the "
+        "file, save its weights alone once: torch.save(torch.load(path, weights_only=False)['model'], "
+        "new_path).",
+    )
+    family = _model_family(model)
     try:
-        raw = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as err:
-        # the official training script also pickles its yacs config next to the weights
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} holds objects other than tensors, which a weights-only load "
-            "refuses (the official training script saves its yacs config beside the weights). If you "
-            "trust the file, save its weights alone once: torch.save(torch.load(path, "
-            f"weights_only=False)['model'], new_path). Loader said: {str(err).splitlines()[0]}"
-        ) from err
-    except (OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}") from err
-    sd = convert_official_state_dict(raw, _model_family(model))
+        sd = convert_official_state_dict(raw, family)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {err}") from err
+    except RuntimeError as err:  # torch.cat of q and kv tensors whose shapes do not fit together
+        raise CheckpointError(f"checkpoint {str(path)!r} has q/kv tensors that do not fit: {err}") from err
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
