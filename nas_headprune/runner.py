@@ -155,7 +155,7 @@ class _Run:
     record: dict[str, Any]
     model: torch.nn.Module
     device: str | torch.device
-    main: bool
+    rank: int
     world: int
     mlog: MetricsLog
     resolved: dict[str, Any]
@@ -175,6 +175,10 @@ class _Run:
     @property
     def out(self) -> Path:
         return self.folder.path
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
     def base_record(self) -> dict[str, Any]:
         return {"name": self.record["name"], "kwargs": self.record.get("kwargs", {})}
@@ -214,7 +218,7 @@ def run_search(cfg: RunConfig, out: str | Path, *, restart: bool = False) -> dic
                 record=record,
                 model=model,
                 device=device,
-                main=main,
+                rank=rank,
                 world=world,
                 mlog=MetricsLog(folder.path / "metrics.jsonl", enabled=main),
                 resolved=resolved,
@@ -339,12 +343,16 @@ def stage_search(run: _Run, done: bool) -> tuple[Any, Any, Any, Any, Any]:
         train_loader=run.train_loader,
         work_dir=out / "search_state",
         progress=cfg.progress and run.main,
+        rank=run.rank,
+        world_size=run.world,
     )
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         result = run.strategy.search(ctx)
     run.timings["search_s"] = time.perf_counter() - t0
     selection, _ = validate_result(cfg.strategy, ctx, result)
+    if run.world > 1:
+        _same_on_every_rank(cfg.strategy, selection)
     scales = {k: v.detach().cpu().contiguous() for k, v in (result.scales or {}).items()} or None
     weights = {k: v.detach().cpu().contiguous() for k, v in (result.weights or {}).items()} or None
     info, reported = finite_json(result.info)[0], result.reported_macs
@@ -368,6 +376,22 @@ def stage_search(run: _Run, done: bool) -> tuple[Any, Any, Any, Any, Any]:
     run.folder.finish("search")
     run.mlog.write("search_done", seconds=run.timings["search_s"], info=info)
     return selection, scales, weights, info, reported
+
+
+def _same_on_every_rank(strategy: str, selection: Any) -> None:
+    """Every rank must prune the same channels: compare the selections' hashes across ranks."""
+    import torch.distributed as dist
+
+    digest = hashlib.sha256(json.dumps(selection.to_lists(), sort_keys=True).encode()).hexdigest()
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) > 1:
+        groups = ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests))
+        raise StrategyError(
+            f"strategy {strategy!r} chose different channels on different ranks ({groups}); under torchrun "
+            "a strategy must return the same selection on every rank (make it deterministic, or use "
+            "SearchContext.shard / all_reduce_sum / broadcast to share its work)"
+        )
 
 
 def stage_reweight(

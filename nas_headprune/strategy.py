@@ -61,7 +61,15 @@ class ScoringConfig(StrategyConfig):
 
 @dataclass
 class SearchContext:
-    """Everything a strategy may use. Treat ``model`` as read-only."""
+    """Everything a strategy may use. Treat ``model`` as read-only.
+
+    Under ``torchrun`` every rank calls ``search`` with its own context: ``rank`` and
+    ``world_size`` tell them apart, ``train_loader`` yields the rank's shard of the training data and
+    ``calib`` holds the same calibration batches on every rank. Every rank must return the same
+    selection (the runner compares them and raises :class:`~nas_headprune.errors.StrategyError`
+    otherwise). A strategy that looks only at the weights, or is deterministic, gets that for free;
+    one that wants to share the work uses :meth:`shard` and :meth:`all_reduce_sum`.
+    """
 
     model: nn.Module
     space: HeadSpace
@@ -74,6 +82,51 @@ class SearchContext:
     work_dir: Path | None = None
     progress: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, items: list[Any]) -> list[Any]:
+        """This rank's share of ``items`` (every ``world_size``-th one, starting at ``rank``)."""
+        return items[self.rank :: self.world_size]
+
+    def all_reduce_sum(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Sum each tensor over the ranks, in place (nothing to do in one process)."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        for name in sorted(tensors):  # the same order on every rank
+            dist.all_reduce(tensors[name], op=dist.ReduceOp.SUM)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any rank (so all ranks raise together)."""
+        if not self.distributed:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([1.0 if flag else 0.0], device=self._collective_device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` as rank ``src`` has it, on every rank (a picklable object)."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def _collective_device(self) -> str:
+        import torch.distributed as dist
+
+        return self.device if dist.get_backend() == "nccl" else "cpu"
 
     @property
     def target_macs(self) -> float:

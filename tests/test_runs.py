@@ -169,9 +169,7 @@ time.sleep(120)
 
 def test_a_second_process_on_the_folder_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
     run = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, text=True
-    )
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         assert main(_search_args(tmp_path, "budget=0.6")) == 2

@@ -1,0 +1,151 @@
+"""`search` under torchrun (2 processes, gloo on CPU): one architecture on every rank, sums equal to
+the single-process ones, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_fixture import context
+from safetensors.torch import load_file
+from test_cli import TINY
+
+from nas_headprune.cli import main
+from nas_headprune.registry import make_strategy
+
+TESTS_DIR = Path(__file__).parent
+REPO_ROOT = TESTS_DIR.parent
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        *args,
+    ]
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _search(out: Path, strategy: str, *extra: str) -> list[str]:
+    args = ["-m", "nas_headprune.cli", "search", "--strategy", strategy, "--out", str(out), "--no-progress"]
+    for item in [*TINY, *extra]:
+        args += ["--set", item]
+    return args
+
+
+def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO_ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+@pytest.mark.parametrize("strategy", ["magnitude", "random", "taylor"])
+def test_search_command_under_torchrun_gives_one_architecture(tmp_path, strategy) -> None:
+    proc = _run(_torchrun(*_search(tmp_path / "ddp", strategy)))
+    assert proc.stdout.count('"strategy"') == 1  # rank 0 alone prints the summary
+    result = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    assert result["device"] == "cpu" and result["pruned"]["macs_ratio"] <= 0.5
+    # every rank checked its selection against the others before materialising (the runner's guard);
+    # the single-process run over the same calibration batches chooses the same channels
+    assert main(_search(tmp_path / "single", strategy)[2:]) == 0
+    single = json.loads((tmp_path / "single" / "search.json").read_text())
+    ddp = json.loads((tmp_path / "ddp" / "search.json").read_text())
+    assert ddp["selection"] == single["selection"]
+
+
+def test_taylor_scores_are_summed_over_ranks(tmp_path) -> None:
+    _run(_torchrun(str(TESTS_DIR / "_ddp_score_worker.py"), str(tmp_path), "taylor"))
+    ranks = [load_file(str(tmp_path / f"scores{r}.safetensors")) for r in range(2)]
+    single = make_strategy("taylor", {}).score(context())
+    assert ranks[0].keys() == single.keys()
+    for label, expected in single.items():
+        torch.testing.assert_close(ranks[0][label], ranks[1][label], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[0][label].double(), expected.double(), rtol=1e-5, atol=1e-9)
+
+
+_NOT_RANK_AWARE = '''
+import torch
+from nas_headprune.strategy import ScoringStrategy
+
+
+class RankNoise(ScoringStrategy):
+    """Scores from a generator seeded by the rank: each rank picks other channels."""
+
+    def score(self, ctx):
+        import torch.distributed as dist
+
+        gen = torch.Generator().manual_seed(dist.get_rank() if dist.is_initialized() else 0)
+        return {k: torch.rand(d.heads * d.max_width, generator=gen).reshape(
+            (d.max_width,) if ctx.space.layer_of(k).kind == "mlp" else (d.heads, d.max_width))
+            for k, d in ctx.space.dims.items()}
+'''
+
+
+def test_a_strategy_that_differs_across_ranks_is_named(tmp_path) -> None:
+    (tmp_path / "rank_noise.py").write_text(_NOT_RANK_AWARE)
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        _torchrun(*_search(tmp_path / "run", "rank_noise:RankNoise")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    assert proc.returncode != 0
+    # each rank ends with the CLI's one-line message, not a traceback of ours
+    assert "error: strategy 'rank_noise:RankNoise' chose different channels on different ranks" in proc.stderr
+    assert "raise StrategyError" not in proc.stderr
+
+
+def test_killed_torchrun_search_resumes(tmp_path) -> None:
+    out = tmp_path / "run"
+    long = ("finetune={epochs: 40, max_steps_per_epoch: 12}",)
+    first = subprocess.Popen(
+        _torchrun(*_search(out, "taylor", *long)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "finetune" / "last.pt").exists():  # killed mid fine-tune
+            assert first.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    search_bytes = (out / "search.json").read_bytes()
+    _run(_torchrun(*_search(out, "taylor", *long)))
+    assert (out / "search.json").read_bytes() == search_bytes
+    result = json.loads((out / "result.json").read_text())
+    assert result["finetune"]["resumed_from_epoch"] >= 1
+    assert result["finetune"]["steps"] == 40 * 12
