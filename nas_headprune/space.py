@@ -530,7 +530,24 @@ class MaskHandle:
 
 
 # --------------------------------------------------------------------- building
-_GENERIC_NAMES = ("Attention", "Mlp", "MLP")
+# Class names of modules that must not pass silently when no adapter claims them: attention by
+# name (suffix), feed-forward layers by a marker anywhere in the name (SwiGLU, GluMlp,
+# ConvMlpWithNorm, MlpWithDepthwiseConv, BertIntermediate, PositionwiseFeedForward, ...), except
+# classifier heads (NormMlpClassifierHead). Attention under any other name is found by its
+# products of two activations (see build_space).
+_ATTENTION_SUFFIXES = ("Attention",)
+_FEED_FORWARD_MARKERS = (
+    "Mlp",
+    "MLP",
+    "Glu",
+    "GLU",
+    "FeedForward",
+    "Feedforward",
+    "FFN",
+    "Ffn",
+    "Intermediate",
+)
+_HEAD_SUFFIXES = ("Head", "Classifier")
 
 
 def build_space(
@@ -545,14 +562,29 @@ def build_space(
     """Find the prunable layers of ``model`` and describe them as a :class:`HeadSpace`.
 
     ``input_size`` is ``(C, H, W)``; by default the model's ``pretrained_cfg["input_size"]``. One
-    forward pass at batch 1 records the token count of every layer. A module that an adapter claims
-    but cannot prune exactly (or an attention/MLP-looking module no adapter knows) raises
-    :class:`UnsupportedLayerError` naming it, or, with ``skip_unsupported=True``, is left dense with a
-    warning.
-    """
-    import torch
+    counted forward pass at batch 1 (:func:`~nas_headprune.evaluator.measure.trace_forward`) records
+    the token count of every claimed layer, the MACs of every module, and which modules multiply two
+    activations. The fixed MACs are the counted total minus the counted MACs of the claimed layers,
+    so the dense analytic cost equals the counted one exactly when every adapter's formula matches
+    the count of its layers.
 
+    Refused, with :class:`UnsupportedLayerError` naming them (or, with ``skip_unsupported=True``,
+    left dense with a warning, listed in ``space.skipped`` and counted whole in the fixed MACs):
+
+    * a module an adapter claims but cannot prune exactly;
+    * a module no adapter claims whose class name says attention (``...Attention``) or feed-forward
+      (contains ``Mlp``, ``MLP``, ``Glu``, ``GLU``, ``FeedForward``, ``FFN``, ``Ffn`` or
+      ``Intermediate``; classifier heads excepted);
+    * a module no adapter claims whose own forward multiplies two activations (tensors computed
+      from the input: ``q @ k^T``, ``attn @ v``, fused attention kernels), that is attention of a
+      kind no adapter knows.
+
+    Modules inside a claimed or refused module are not listed separately; a claimed layer inside a
+    refused module is left dense with it. A model left with no prunable layer raises
+    :class:`UnsupportedLayerError` naming its class and what was refused.
+    """
     from nas_headprune import registry
+    from nas_headprune.evaluator.measure import trace_forward
 
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -561,45 +593,27 @@ def build_space(
             raise ArchitectureError("input_size is required: the model has no pretrained_cfg input_size")
     input_size = tuple(int(v) for v in input_size)
     adapters = adapters if adapters is not None else registry.space_adapters()
+    model_name = type(model).__name__
+    modules = dict(model.named_modules())
 
     claimed: dict[str, tuple[SpaceAdapter, nn.Module]] = {}
-    skipped: dict[str, str] = {}
-    refused: list[str] = []
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
+    refused: dict[str, str] = {}  # module path -> reason, in module order
+    for name, module in modules.items():
+        if _inside(name, claimed) or _inside(name, refused):
             continue
         owner = next((a for a in adapters if a.claims(module)), None)
         if owner is None:
-            cls = type(module).__name__
-            if name and any(cls.endswith(g) for g in _GENERIC_NAMES):
-                unknown = f"no space adapter knows {cls}"
-                refused.append(f"{name} ({cls}: {unknown})")
-                skipped[name] = unknown
-                inside.append(name)
+            if name and _known_by_name(type(module).__name__):
+                refused[name] = f"no space adapter knows {type(module).__name__}"
             continue
-        inside.append(name)
         reason = owner.check(module)
         if reason is not None:
-            refused.append(f"{name} ({type(module).__name__}: {reason})")
-            skipped[name] = reason
-            continue
-        claimed[name] = (owner, module)
-    if refused and not skip_unsupported:
-        raise UnsupportedLayerError(
-            "cannot prune these layers exactly: "
-            + "; ".join(refused)
-            + ". Pass skip_unsupported=True (CLI: --set space.skip_unsupported=true) to leave them dense."
-        )
-    for item in refused:
-        warnings.warn(f"leaving layer dense: {item}", stacklevel=2)
-        log.warning("leaving layer dense: %s", item)
+            refused[name] = reason
+        else:
+            claimed[name] = (owner, module)
 
-    # one traced forward: token counts of prunable layers, shapes of every other Linear/Conv
+    # one counted forward: token counts of claimed layers, MACs per module, products of activations
     tokens: dict[str, int] = {}
-    fixed_macs = 0
-    hooks = []
-    prunable_prefixes = tuple(n + "." for n in claimed)
 
     def record_tokens(name: str, c_in: int):
         def hook(mod: nn.Module, args: tuple) -> None:
@@ -608,63 +622,91 @@ def build_space(
 
         return hook
 
-    def record_fixed(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        nonlocal fixed_macs
-        fixed_macs += _module_macs(mod, args[0], out)
-
-    for name, module in model.named_modules():
-        if name in claimed:
-            c_in = claimed[name][0].input_dim(module)
-            hooks.append(module.register_forward_pre_hook(record_tokens(name, c_in)))
-        elif isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)) and not (
-            name.startswith(prunable_prefixes) or any(name.startswith(s + ".") for s in skipped)
-        ):
-            hooks.append(module.register_forward_hook(record_fixed))
-    skipped_macs = 0
-    if skipped:
-        skipped_macs = _measure_submodules(model, input_size, list(skipped))
-    was_training = model.training
-    model.eval()
+    hooks = [
+        module.register_forward_pre_hook(record_tokens(name, adapter.input_dim(module)))
+        for name, (adapter, module) in claimed.items()
+    ]
     try:
-        with torch.no_grad():
-            p = next(model.parameters(), None)
-            x = torch.zeros(1, *input_size, device=p.device if p is not None else "cpu")
-            model(x)
+        trace = trace_forward(model, input_size)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+
+    # attention no adapter claims: the outermost uncovered module whose own forward multiplies two
+    # activations (named_modules order puts a parent before its children)
+    for name in modules:
+        ops = trace.activation_products.get(name)
+        if ops is None or _inside(name, claimed, self_too=True) or _inside(name, refused, self_too=True):
+            continue
+        cls = type(modules[name]).__name__
+        refused[name] = (
+            f"no space adapter knows {cls}, and it computes attention "
+            f"(a product of two activations: {', '.join(sorted(ops))})"
+        )
+    refused = {n: refused[n] for n in modules if n in refused}  # module order
+    claimed = {n: c for n, c in claimed.items() if not _inside(n, refused)}
+    described = [f"{n or '(model)'} ({type(modules[n]).__name__}: {r})" for n, r in refused.items()]
+    if described and not skip_unsupported:
+        raise UnsupportedLayerError(
+            "cannot prune these layers exactly: "
+            + "; ".join(described)
+            + ". Pass skip_unsupported=True (CLI: --set space.skip_unsupported=true) to leave them dense."
+        )
+    if not claimed:
+        why = (
+            "every candidate was left dense: " + "; ".join(described)
+            if described
+            else "no module is claimed by a space adapter ("
+            + ", ".join(a.name for a in adapters)
+            + ") and none looks like attention or an MLP"
+        )
+        raise UnsupportedLayerError(f"no prunable layers in {model_name}: {why}")
+    for item in described:
+        warnings.warn(f"leaving layer dense: {item}", stacklevel=2)
+        log.warning("leaving layer dense: %s", item)
 
     layers: dict[str, LayerSpace] = {}
     prunable_params = 0
+    claimed_flops = 0
     for name, (adapter, module) in claimed.items():
         if name not in tokens:
             raise UnsupportedLayerError(f"layer {name!r} was not called in a forward pass; cannot size it")
         layer = adapter.describe(name, module, tokens[name])
         layers[name] = layer
         prunable_params += sum(p.numel() for p in module.parameters())
+        counted = trace.module_flops.get(name, 0)
+        claimed_flops += counted
+        formula = layer.macs(layer.dense_widths())
+        if 2 * formula != counted:
+            log.warning(
+                "%s (%s): analytic MACs %s differ from the %s counted; analytic costs of this space "
+                "will not match measured ones",
+                name,
+                adapter.name,
+                formula,
+                counted // 2,
+            )
+    fixed_macs = (trace.flops - claimed_flops) // 2
     fixed_params = sum(p.numel() for p in model.parameters()) - prunable_params
-    space = HeadSpace(layers, input_size, fixed_macs + skipped_macs, fixed_params, skipped)
+    space = HeadSpace(layers, input_size, fixed_macs, fixed_params, refused)
     if step != 1 or min_width != 1:
         space = space.with_step(step, min_width)
     return space
 
 
-def _module_macs(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
-    """MACs of one Linear / Conv call from its shapes (the same quantity FlopCounterMode / 2 gives)."""
-    import torch
-
-    if isinstance(mod, torch.nn.Linear):
-        return out.numel() * mod.in_features
-    k = 1
-    for s in mod.kernel_size:  # type: ignore[union-attr]
-        k *= s
-    return int(out.numel() * (mod.in_channels // mod.groups) * k)  # type: ignore[operator]
+def _known_by_name(cls: str) -> bool:
+    """Whether an unclaimed module's class name says attention or feed-forward (see build_space)."""
+    if cls.endswith(_ATTENTION_SUFFIXES):
+        return True
+    return any(m in cls for m in _FEED_FORWARD_MARKERS) and not cls.endswith(_HEAD_SUFFIXES)
 
 
-def _measure_submodules(model: nn.Module, input_size: tuple[int, ...], names: list[str]) -> int:
-    """Per-image MACs spent inside the named (skipped, left dense) submodules, measured."""
-    from nas_headprune.evaluator.measure import measure_macs_by_module
-
-    per = measure_macs_by_module(model, input_size)
-    return sum(per.get(n, 0) for n in names)
+def _inside(name: str, parents: Mapping[str, object], self_too: bool = False) -> bool:
+    """Whether module path ``name`` lies strictly inside one of ``parents`` (or is one, with
+    ``self_too``). The root (``""``) contains every module."""
+    if self_too and name in parents:
+        return True
+    if "" in parents and name:
+        return True
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in parents for i in range(1, len(parts)))
