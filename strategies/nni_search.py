@@ -152,7 +152,10 @@ class _NniSearch(Strategy):
             tuple(sorted((k, v) for k, v in sample.items() if k in space.dims))
         )
         scores = self.ranking.score(dataclasses.replace(ctx, calib=fit))
-        dense_proxy = metrics.evaluate(ctx.model, held, device=ctx.device)
+        # under torchrun every rank runs the same seeded NNI engine; each scores its share of the
+        # held-out batches and metrics.evaluate sums the counts over the ranks, so every rank sees
+        # the same proxy values and takes the same decisions
+        dense_proxy = metrics.evaluate(ctx.model, ctx.shard(held), device=ctx.device)
 
         trials: list[_Trial] = []
 
@@ -161,7 +164,7 @@ class _NniSearch(Strategy):
             selection = space.selection_from_scores(scores, arch)
             pruned = materialize(ctx.model, ctx.space, selection)
             reweight(ctx.model, pruned, ctx.space, fit, cfg.reweight, device=ctx.device)
-            result = metrics.evaluate(pruned, held, device=ctx.device)
+            result = metrics.evaluate(pruned, ctx.shard(held), device=ctx.device)
             loss, top1 = float(result["loss"]), float(result["top1"])
             metric = -loss if cfg.proxy == "loss" else top1
             macs = float(analytic_cost(space, arch).macs)

@@ -65,15 +65,27 @@ def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize("strategy", ["magnitude", "random", "taylor"])
+OPTIONS = {
+    "magnitude": (),
+    "random": (),
+    "taylor": (),
+    # 2 calibration batches: one for ranking and reweight, one held out (split over the 2 ranks)
+    "evolution": ("strategy_options={trials: 6, population_size: 3, sample_size: 2}",),
+    "nni_random": ("strategy_options.trials=4",),
+}
+
+
+@pytest.mark.parametrize("strategy", list(OPTIONS))
 def test_search_command_under_torchrun_gives_one_architecture(tmp_path, strategy) -> None:
-    proc = _run(_torchrun(*_search(tmp_path / "ddp", strategy)))
+    if strategy in ("evolution", "nni_random"):
+        pytest.importorskip("nni")
+    proc = _run(_torchrun(*_search(tmp_path / "ddp", strategy, *OPTIONS[strategy])))
     assert proc.stdout.count('"strategy"') == 1  # rank 0 alone prints the summary
     result = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert result["device"] == "cpu" and result["pruned"]["macs_ratio"] <= 0.5
     # every rank checked its selection against the others before materialising (the runner's guard);
     # the single-process run over the same calibration batches chooses the same channels
-    assert main(_search(tmp_path / "single", strategy)[2:]) == 0
+    assert main(_search(tmp_path / "single", strategy, *OPTIONS[strategy])[2:]) == 0
     single = json.loads((tmp_path / "single" / "search.json").read_text())
     ddp = json.loads((tmp_path / "ddp" / "search.json").read_text())
     assert ddp["selection"] == single["selection"]
