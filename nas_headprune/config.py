@@ -73,6 +73,12 @@ class DataConfig(Section):
     calib_batches: int = Field(4, gt=0, description="number of calibration batches")
     calib_batch_size: int = Field(64, gt=0)
     img_size: int | None = Field(None, gt=0, description=f"imagefolder only; default {DEFAULT_IMG_SIZE}")
+    auto_augment: str | None = Field(
+        None,
+        description="imagefolder only: timm auto-augment policy of the training split, "
+        "e.g. 'rand-m9-mstd0.5-inc1' (RandAugment); None for timm's plain training transform",
+    )
+    re_prob: float = Field(0.0, ge=0, le=1, description="imagefolder only: random-erasing probability")
     download: bool = True
 
     @model_validator(mode="after")
@@ -82,6 +88,10 @@ class DataConfig(Section):
             raise ValueError(
                 f"img_size={self.img_size} does not fit {self.name!r}, whose images are {native}x{native}; "
                 f"leave img_size unset (it only resizes 'imagefolder' data)"
+            )
+        if self.name != "imagefolder" and (self.auto_augment is not None or self.re_prob > 0):
+            raise ValueError(
+                f"auto_augment and re_prob only apply to name='imagefolder', not {self.name!r}; leave them unset"
             )
         return self
 
@@ -112,6 +122,12 @@ class FinetuneConfig(Section):
     )
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimizer steps per epoch")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross entropy")
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (timm Mixup); 0 turns mixup off")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (timm Mixup); 0 turns cutmix off")
+    mixup_prob: float = Field(1.0, ge=0, le=1, description="chance that a batch is mixed at all")
+    mixup_switch_prob: float = Field(
+        0.5, ge=0, le=1, description="with mixup and cutmix both on, chance of cutmix for a batch"
+    )
     log_every: int = Field(50, ge=1, description="steps between two log events")
 
     @model_validator(mode="after")
@@ -141,6 +157,11 @@ class ModelConfig(Section):
     name: str = Field("embedded", description="'embedded' (the shipped model) or a timm model name")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="timm.create_model arguments")
     checkpoint: str | None = Field(None, description="weights to load (.safetensors or .pt state dict)")
+    checkpoint_format: Literal["timm", "flatten_official"] = Field(
+        "timm",
+        description="timm: a state dict in the model's own names (what timm saves); flatten_official: "
+        "a checkpoint of the official FLatten release (converted on load)",
+    )
 
 
 class SpaceConfig(Section):
@@ -220,6 +241,11 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    set_dotted(data, key, value)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data["a"]["b"]["c"] = value`` for ``key = "a.b.c"``, creating sections as needed."""
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
@@ -230,8 +256,24 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(source: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+QUICK = "quick"
+
+
+def load_config(
+    source: str | None = None, overrides: list[str] | None = None, *, quick: bool = False
+) -> RunConfig:
+    """A run config from a YAML file or preset, then ``overrides`` (dotted ``key=value``).
+
+    A file may hold a ``quick:`` section of dotted overrides: a small version of the same run (tiny
+    image size, a few steps) that ``quick=True`` (``search --quick``) applies before ``overrides``.
+    """
     data: dict[str, Any] = read_yaml(source) if source else {}
+    shortcut = data.pop(QUICK, None)
+    if quick:
+        if not isinstance(shortcut, dict):
+            raise ConfigError(f"--quick: config {source!r} has no 'quick' section of dotted overrides")
+        for key, value in shortcut.items():
+            set_dotted(data, str(key), value)
     for item in overrides or []:
         apply_override(data, item)
     try:

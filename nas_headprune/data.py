@@ -109,7 +109,6 @@ _SALT_TEST_SUBSET = 2
 _SALT_CALIBRATION = 3
 
 
-
 @dataclass
 class DataBundle:
     """The two splits of a dataset and what a model needs to know about them.
@@ -358,7 +357,9 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[Dataset, Dataset, Dataset, tuple
         )
 
     img_size = cfg.img_size or DEFAULT_IMG_SIZE
-    train_tf = create_transform(img_size, is_training=True)
+    train_tf = create_transform(
+        img_size, is_training=True, auto_augment=cfg.auto_augment, re_prob=cfg.re_prob
+    )
     eval_tf = create_transform(img_size, is_training=False)
 
     def build(folder: Path, transform: object, class_map: dict[str, int] | None) -> Dataset:

@@ -65,7 +65,13 @@ def load_base_model(cfg: RunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # random initial weights are the seed's, so a rerun gets the same model
         model = create_model(cfg.model.name, **cfg.model.kwargs)
-    if cfg.model.checkpoint:
+    if cfg.model.checkpoint and cfg.model.checkpoint_format == "flatten_official":
+        from nas_headprune.models.flatten import load_official_checkpoint
+
+        if not Path(cfg.model.checkpoint).is_file():
+            raise ConfigError(f"model.checkpoint: weights file {cfg.model.checkpoint} does not exist")
+        load_official_checkpoint(model, cfg.model.checkpoint)
+    elif cfg.model.checkpoint:
         load_weights(model, cfg.model.checkpoint)
     else:
         log.warning("model %s has no checkpoint: pruning randomly initialised weights", cfg.model.name)

@@ -237,6 +237,23 @@ def test_distillation_changes_the_result_and_alpha_zero_does_not(tmp_path: Path)
         finetune(_mlp(), _loader(_train_set(64)), FinetuneConfig(distill=True), seed=0, progress=False)
 
 
+def test_mixup_changes_training_deterministically_and_needs_num_classes(tmp_path: Path) -> None:
+    base = dict(epochs=1, lr=1e-3, warmup_epochs=0, max_steps_per_epoch=4)
+
+    def run(cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
+        model = _vit()
+        finetune(model, _loader(_train_set(256)), cfg, seed=0, progress=False)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    plain = run(FinetuneConfig(**base))
+    mixed = run(FinetuneConfig(**base, mixup=0.8, cutmix=1.0, label_smoothing=0.1))
+    again = run(FinetuneConfig(**base, mixup=0.8, cutmix=1.0, label_smoothing=0.1))
+    assert any(not torch.equal(plain[k], mixed[k]) for k in plain)
+    assert all(torch.equal(mixed[k], again[k]) for k in mixed)  # seeded: the same mixing every run
+    with pytest.raises(UsageError, match="num_classes"):
+        finetune(_mlp(), _loader(_train_set(64)), FinetuneConfig(**base, mixup=0.8), seed=0, progress=False)
+
+
 def test_config_rejects_unknown_and_inconsistent_fields() -> None:
     with pytest.raises(ValidationError, match="warmup_step"):
         FinetuneConfig(warmup_step=3)

@@ -628,10 +628,15 @@ def _train_epoch(
     done = 0
     watch = _NonFiniteWatch(dev)
     lr = optimizer.param_groups[0]["lr"]
+    mix = _mixup(cfg, train_model)
     for batch in itertools.islice(loader, steps_per_epoch):
         inputs, targets = split_batch(batch)
         inputs = inputs.to(dev, non_blocking=True)
         targets = targets.to(dev, non_blocking=True)
+        smoothing = cfg.label_smoothing
+        if mix is not None and inputs.shape[0] % 2 == 0:  # timm's Mixup pairs the batch with its reverse
+            inputs, targets = mix(inputs, targets)  # targets: (B, C) mixed, smoothed probabilities
+            smoothing = 0.0
         lr = optimizer.param_groups[0]["lr"]
         with torch.autocast(device_type=dev.type, dtype=dtype, enabled=dtype is not None):
             logits = train_model(inputs)  # (B, C)
@@ -646,10 +651,10 @@ def _train_epoch(
                 targets,
                 cfg.distill_alpha,
                 cfg.distill_temperature,
-                cfg.label_smoothing,
+                smoothing,
             )
         else:
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip is not None:
@@ -695,6 +700,30 @@ def _train_epoch(
         "lr": lr,
         "seconds": time.perf_counter() - started,
     }
+
+
+def _mixup(cfg: FinetuneConfig, model: nn.Module) -> Any:
+    """timm's Mixup/CutMix for this fine-tune, or None when both are off. It draws from numpy's global
+    random state, which the checkpoints capture, so a resumed run mixes the same way."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    head = model.module if isinstance(model, DistributedDataParallel) else model
+    num_classes = getattr(head, "num_classes", None)
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise UsageError(
+            "finetune.mixup / finetune.cutmix need a classifier that states its num_classes "
+            f"(got {num_classes!r} on {type(head).__name__})"
+        )
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 def _write_checkpoint(
