@@ -301,3 +301,8 @@ def test_config_error_does_not_import_torch(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.split() == ["2", "False"], proc.stderr
     assert time.perf_counter() - t0 >= 0  # the time itself is printed by benchmarks/bench_config_error.py
+
+
+def test_quick_without_a_quick_section_exits_2(tmp_path, capsys) -> None:
+    assert main(["search", "--quick", "--out", str(tmp_path / "run")]) == 2
+    assert "has no 'quick' section" in _err(capsys)
