@@ -34,11 +34,14 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nas_headprune.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from nas_headprune.store import ResultsStore
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,61 @@ class QuickSpec(BaseModel):
     strategy_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
+#: sbatch options that the launcher writes itself: the field to use instead, or None
+_SBATCH_SET_BY_LAUNCHER = {
+    "partition": "partition",
+    "time": "timeout_min",
+    "mem": "mem_gb",
+    "gpus-per-node": "gpus_per_trial",
+    "cpus-per-task": "cpus_per_trial",
+    "array": "array_parallelism",
+    "output": "log_folder",
+    "error": "log_folder",
+    "open-mode": None,
+    "job-name": None,
+    "nodes": None,
+    "ntasks-per-node": None,
+    "signal": None,
+}
+
+
+class LauncherConfig(BaseModel):
+    """The ``launcher`` section: how ``--launcher submitit`` submits the trials (one array task each).
+
+    The local launcher ignores it; ``cluster: local`` runs the array through submitit's local executor
+    (processes on this machine), where ``partition``, ``array_parallelism`` and ``sbatch`` do nothing."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    cluster: Literal["slurm", "local"] = "slurm"
+    partition: str | None = Field(None, pattern=r"^[^\s]+$", description="default: the cluster's")
+    gpus_per_trial: int = Field(1, ge=0)
+    cpus_per_trial: int = Field(4, ge=1, description="also the trial's torch thread count")
+    timeout_min: int = Field(60, ge=1, description="time limit of one trial, in minutes")
+    mem_gb: float | None = Field(None, gt=0, description="memory per trial; default: the partition's")
+    array_parallelism: int = Field(256, ge=1, description="at most this many trials run at once")
+    sbatch: dict[str, str | int | bool] = Field(
+        default_factory=dict, description="extra #SBATCH options, e.g. {account: proj, qos: high}"
+    )
+    setup: list[str] = Field(default_factory=list, description="shell lines run before the trial")
+    log_folder: str | None = Field(None, min_length=1, description="submitit's files; default <out>/submitit")
+
+    @field_validator("sbatch")
+    @classmethod
+    def _sbatch(cls, v: dict[str, str | int | bool]) -> dict[str, str | int | bool]:
+        for key, value in v.items():
+            if not key or not all(c.isalnum() or c in "-_" for c in key) or not key[0].isalpha():
+                raise ValueError(f"{key!r} is not an sbatch option name such as account or qos")
+            name = key.replace("_", "-")  # submitit writes option names with hyphens
+            if name in _SBATCH_SET_BY_LAUNCHER:
+                own = _SBATCH_SET_BY_LAUNCHER[name]
+                raise ValueError(
+                    f"--{name} is set by the launcher" + (f"; use launcher.{own}" if own else "")
+                )
+            if value is False or "\n" in str(value):
+                raise ValueError(f"{key}: {value!r} is not a value (true writes a flag without value)")
+        return v
+
+
 class AblationSpec(BaseModel):
     """An ablation file, validated; unknown keys are errors."""
 
@@ -96,6 +154,7 @@ class AblationSpec(BaseModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     variants: list[Variant] = Field(default_factory=list)
     quick: QuickSpec | None = None
+    launcher: LauncherConfig | None = None
 
     @field_validator("budgets")
     @classmethod
@@ -399,25 +458,20 @@ class AblationOutcome:
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
-def run_ablation(
+def open_store(
     spec: AblationSpec,
-    out: str | Path,
+    out: Path,
+    shard: tuple[int, int] | None,
+    trials: list[Trial],
+    every: list[Trial],
     *,
-    workers: int = 1,
-    shard: tuple[int, int] | None = None,
-    progress: bool = True,
     source: str = "",
     command: str = "",
-) -> AblationOutcome:
-    """Run (or resume) every trial of ``spec`` that this shard owns and that has not finished."""
+) -> ResultsStore:
+    """The store of ``shard`` in ``out``, created if needed, with ``trials`` registered (``every``: all
+    trials of the ablation) and the ablation's meta data."""
     from nas_headprune.store import ResultsStore, store_name
 
-    if workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
-    out = Path(out)
-    every = expand(spec)
-    trials = shard_trials(every, shard)
-    validate_trials(trials)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultsStore.open(out / store_name(shard), create=True)
     store.set_meta(
@@ -428,6 +482,30 @@ def run_ablation(
         shard="" if shard is None else f"{shard[0]}/{shard[1]}",
     )
     store.register(trials, all_ids=[t.trial_id for t in every])
+    return store
+
+
+def run_ablation(
+    spec: AblationSpec,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+    source: str = "",
+    command: str = "",
+    threads: int | None = None,
+) -> AblationOutcome:
+    """Run (or resume) every trial of ``spec`` that this shard owns and that has not finished.
+
+    ``threads`` sets torch's thread count of the trials that run in this process (not in workers)."""
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    out = Path(out)
+    every = expand(spec)
+    trials = shard_trials(every, shard)
+    validate_trials(trials)
+    store = open_store(spec, out, shard, trials, every, source=source, command=command)
     finished = store.finished_ids()
     todo = [t for t in trials if t.trial_id not in finished]
     outcome = AblationOutcome(
@@ -451,7 +529,7 @@ def run_ablation(
         if workers == 1 or len(todo) <= 1:
             for trial in todo:
                 store.mark_running(trial.trial_id)
-                record(trial, run_trial(trial.to_dict(), str(out / "runs" / trial.trial_id)))
+                record(trial, run_trial(trial.to_dict(), str(out / "runs" / trial.trial_id), threads))
                 advance(trial.trial_id)
         else:
             _run_pool(todo, out, workers, store, record, advance)

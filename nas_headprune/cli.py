@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="run folder (default: runs/<strategy>-b<budget>-s<seed>)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument(
+        "--quick", action="store_true", help="apply the config's 'quick' section (a small run of the recipe)"
+    )
+    s.add_argument(
         "--restart",
         action="store_true",
         help="redo a stage of --out recorded with other settings, and every later stage (default: refuse)",
@@ -93,6 +96,23 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--quick", action="store_true", help="apply the file's 'quick' section (a small run)")
     a.add_argument("--no-progress", action="store_true")
     a.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    a.add_argument(
+        "--launcher",
+        choices=["local", "submitit"],
+        default="local",
+        help="local: trials run here (default); submitit: one SLURM array task per trial",
+    )
+    a.add_argument(
+        "--launcher-config",
+        default=None,
+        metavar="FILE",
+        help="YAML with launcher settings, over the file's launcher section (submitit only)",
+    )
+    a.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="submit and return; `nas-headprune report DIR` once the jobs ended (submitit only)",
+    )
 
     r = sub.add_parser("report", help="write the Markdown/CSV/PNG report of an ablation folder")
     r.add_argument("dir", help="the output folder of `nas-headprune ablate`")
@@ -112,12 +132,15 @@ def cmd_search(args: argparse.Namespace) -> int:
         overrides.insert(0, f"strategy={args.strategy}")
     if args.no_progress:
         overrides.append("progress=false")
-    cfg = load_config(args.config or DEFAULT_PRESET, overrides)  # validated before torch is imported
+    # validated before torch is imported
+    cfg = load_config(args.config or DEFAULT_PRESET, overrides, quick=args.quick)
 
     from nas_headprune.runner import run_search
 
     out = args.out or f"runs/{cfg.strategy.replace(':', '_').replace('.', '_')}-b{cfg.budget}-s{cfg.seed}"
     result = run_search(cfg, out, restart=args.restart)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
     pruned, dense = result["pruned"], result["dense"]
     summary = {
         "run": str(out),
@@ -225,6 +248,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     spec = load_spec(args.file, quick=args.quick)
     out = Path(args.out or f"runs/ablate/{spec.name}")
+    if args.launcher == "submitit":
+        return _ablate_submitit(args, spec, out, shard)
+    if args.launcher_config or args.no_wait:
+        raise UsageError("--launcher-config and --no-wait apply to --launcher submitit")
     outcome = run_ablation(
         spec,
         out,
@@ -245,6 +272,63 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if outcome.failures:
         summary["failures"] = {tid: err for tid, err in outcome.failures}
     if not args.no_report and shard is None:
+        summary["report"] = write_report(out)["files"]
+    _print_json(summary)
+    return 1 if outcome.failed else 0
+
+
+def _ablate_submitit(args: argparse.Namespace, spec: Any, out: Path, shard: tuple[int, int] | None) -> int:
+    """``ablate --launcher submitit``: submit the unfinished trials as a job array, then (by default)
+    wait for them and write the report."""
+    import shlex
+
+    from nas_headprune.launchers import import_submitit, load_launcher_config, submit_ablation, wait_for
+    from nas_headprune.report import write_report
+
+    if shard is not None or args.workers != 1:
+        raise UsageError(
+            "--shard and --workers are for --launcher local; --launcher submitit runs every trial as "
+            "its own array task (launcher.array_parallelism bounds how many run at once)"
+        )
+    import_submitit()  # a missing extra is named before anything else is read
+    launcher = load_launcher_config(spec, args.launcher_config)
+    sub = submit_ablation(spec, out, launcher, source=args.file, command=args.command_line)
+    report_command = shlex.join(["nas-headprune", "report", str(out)])
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "launcher": f"submitit ({launcher.cluster})",
+        "logs": str(sub.log_folder),
+        "trials": sub.total,
+        "already_finished": sub.skipped,
+        "submitted": sub.submitted,
+        "running_from_earlier_submission": sub.attached,
+        "jobs": sub.job_ids,
+    }
+    ids = ", ".join(dict.fromkeys(j.job_id.split("_")[0] for j in sub.jobs))
+    if sub.submitted:
+        print(f"submitted {sub.submitted} trials as job(s) {ids}; logs in {sub.log_folder}", file=sys.stderr)
+    if args.no_wait:
+        summary["report_command"] = report_command
+        _print_json(summary)
+        return 0
+    if sub.jobs:
+        print(
+            f"waiting for {len(sub.jobs)} jobs (Ctrl-C stops waiting; the jobs keep running)", file=sys.stderr
+        )
+    try:
+        outcome = wait_for(sub, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: stopped waiting, the jobs keep running ({ids}). Once they have ended, "
+            f"`{report_command}` writes the report; running this command again waits for the jobs that "
+            f"still run (it does not submit them twice) and submits the trials that failed",
+            file=sys.stderr,
+        )
+        return 130
+    summary.update(finished_now=outcome.done, failed=outcome.failed)
+    if outcome.failures:
+        summary["failures"] = {tid: err for tid, err in outcome.failures}
+    if not args.no_report and any(out.glob("results*.sqlite")):
         summary["report"] = write_report(out)["files"]
     _print_json(summary)
     return 1 if outcome.failed else 0

@@ -187,7 +187,8 @@ def test_report_of_a_folder_without_store_is_a_usage_error(tmp_path, capsys):
 def test_failed_trial_is_recorded_reported_and_retried(tmp_path):
     spec = tiny_spec(
         seeds=[0],
-        variants=[{"name": "ok"}, {"name": "broken", "set": {"data.test_subset": 0}}],
+        # a trial that validates but fails when it runs: its data folder does not exist
+        variants=[{"name": "ok"}, {"name": "broken", "set": {"data.root": "/nonexistent/fashion"}}],
     )
     out = tmp_path / "ab"
     outcome = run_ablation(spec, out, progress=False)
@@ -195,10 +196,12 @@ def test_failed_trial_is_recorded_reported_and_retried(tmp_path):
     rows, _ = load_rows(out)
     by_variant = {r["variant"]: r for r in rows}
     assert by_variant["ok"]["status"] == "done" and by_variant["ok"]["top1_after"] > 10
-    assert by_variant["broken"]["status"] == "failed" and "test_subset" in by_variant["broken"]["error"]
+    assert (
+        by_variant["broken"]["status"] == "failed" and "/nonexistent/fashion" in by_variant["broken"]["error"]
+    )
     written = write_report(out)
     md = Path(written["files"][0]).read_text()
-    assert "Trials that did not finish" in md and "test_subset" in md
+    assert "Trials that did not finish" in md and "/nonexistent/fashion" in md
     csv_lines = Path(written["files"][1]).read_text().splitlines()
     assert len(csv_lines) == 3 and any(",failed," in line for line in csv_lines)
     assert all(Path(f).stat().st_size > 0 for f in written["files"])
