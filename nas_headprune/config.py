@@ -79,6 +79,12 @@ class DataConfig(Section):
         "e.g. 'rand-m9-mstd0.5-inc1' (RandAugment); None for timm's plain training transform",
     )
     re_prob: float = Field(0.0, ge=0, le=1, description="imagefolder only: random-erasing probability")
+    val_split: float | int | None = Field(
+        None,
+        description="hold out a class-stratified validation split from the training split: a fraction "
+        "in (0, 1) or a number of samples; search, calibration and fine-tune never see it",
+    )
+    val_seed: int = Field(0, ge=0, description="seed of the validation split (the same for every run seed)")
     download: bool = True
 
     @model_validator(mode="after")
@@ -89,6 +95,10 @@ class DataConfig(Section):
                 f"img_size={self.img_size} does not fit {self.name!r}, whose images are {native}x{native}; "
                 f"leave img_size unset (it only resizes 'imagefolder' data)"
             )
+        if isinstance(self.val_split, float) and not 0 < self.val_split < 1:
+            raise ValueError(f"val_split={self.val_split}: a fraction must lie in (0, 1)")
+        if isinstance(self.val_split, int) and self.val_split < 1:
+            raise ValueError(f"val_split={self.val_split}: a number of samples must be at least 1")
         if self.name != "imagefolder" and (self.auto_augment is not None or self.re_prob > 0):
             raise ValueError(
                 f"auto_augment and re_prob only apply to name='imagefolder', not {self.name!r}; leave them unset"

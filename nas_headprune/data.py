@@ -54,6 +54,7 @@ __all__ = [
     "calibration_batches",
     "input_size",
     "load_datasets",
+    "make_eval_loader",
     "make_loaders",
 ]
 
@@ -107,6 +108,7 @@ _VAL_DIR_NAMES = ("val", "validation")
 _SALT_TRAIN_SUBSET = 1
 _SALT_TEST_SUBSET = 2
 _SALT_CALIBRATION = 3
+_SALT_VALIDATION = 4
 
 
 @dataclass
@@ -125,6 +127,7 @@ class DataBundle:
     img_size: int
     classes: tuple[str, ...] = ()
     train_eval: Dataset | None = field(default=None, repr=False)
+    val: Dataset | None = None  # held out from the training split (data.val_split), eval transform
 
 
 # =================================================================================================
@@ -427,6 +430,13 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> DataBundle:
     else:  # pragma: no cover - DataConfig.name is a Literal
         raise ConfigError(f"data.name={cfg.name!r} is not one of fashion_mnist, digits, imagefolder")
 
+    val: Dataset | None = None
+    if cfg.val_split is not None:
+        val_idx, rest = _stratified_split(_labels(train), cfg.val_split, cfg.val_seed)
+        val = _take(train_eval if train_eval is not None else train, val_idx)
+        train = _take(train, rest)
+        if train_eval is not None:
+            train_eval = _take(train_eval, rest)
     train_idx = _subset_indices(_size(train), cfg.train_subset, seed, _SALT_TRAIN_SUBSET)
     test_idx = _subset_indices(_size(test), cfg.test_subset, seed, _SALT_TEST_SUBSET)
     train = _take(train, train_idx)
@@ -434,9 +444,10 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> DataBundle:
     if train_eval is not None:
         train_eval = _take(train_eval, train_idx)
     logger.info(
-        "data %s: %d train / %d test samples, %d classes, input %dx%dx%d",
+        "data %s: %d train / %d validation / %d test samples, %d classes, input %dx%dx%d",
         cfg.name,
         _size(train),
+        _size(val) if val is not None else 0,
         _size(test),
         len(classes),
         in_chans,
@@ -452,7 +463,49 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> DataBundle:
         img_size=img_size,
         classes=tuple(classes),
         train_eval=train_eval,
+        val=val,
     )
+
+
+def _labels(ds: Dataset) -> Tensor:
+    """The class label of every sample, without loading images where the dataset knows them."""
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].long()
+    if isinstance(ds, Subset):
+        return _labels(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
+    samples = getattr(getattr(ds, "reader", None), "samples", None)  # timm's folder reader
+    if samples is not None:
+        return torch.as_tensor([int(target) for _, target in samples], dtype=torch.long)
+    return torch.as_tensor([int(ds[i][1]) for i in range(_size(ds))], dtype=torch.long)
+
+
+def _stratified_split(labels: Tensor, size: float | int, seed: int) -> tuple[Tensor, Tensor]:
+    """``(held out, rest)`` sample indices, both sorted: ``size`` (a fraction or a count) of the
+    samples, each class contributing in proportion to its size (largest remainders get the rest),
+    the members of each class drawn by ``seed``."""
+    n = labels.numel()
+    want = round(size * n) if isinstance(size, float) else int(size)
+    if not 0 < want < n:
+        raise ConfigError(
+            f"data.val_split={size} holds out {want} of the {n} training samples; it must leave at "
+            "least one sample on each side"
+        )
+    classes, counts = labels.unique(return_counts=True)  # sorted classes
+    exact = counts.double() * want / n
+    quota = exact.floor().long()
+    remainder = exact - quota.double()
+    order = sorted(range(len(classes)), key=lambda i: (-float(remainder[i]), i))
+    for i in order[: want - int(quota.sum())]:
+        quota[i] += 1
+    gen = _generator(seed, _SALT_VALIDATION)
+    held: list[Tensor] = []
+    for cls, k in zip(classes.tolist(), quota.tolist(), strict=True):
+        members = (labels == cls).nonzero().flatten()  # (n_c,)
+        held.append(members[torch.randperm(members.numel(), generator=gen)[:k]])
+    held_idx = torch.cat(held).sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held_idx] = False
+    return held_idx, keep.nonzero().flatten()
 
 
 def make_loaders(
@@ -491,6 +544,17 @@ def make_loaders(
         )
     test_loader = DataLoader(bundle.test, batch_size=cfg.eval_batch_size, shuffle=False, **common)
     return train_loader, test_loader
+
+
+def make_eval_loader(dataset: Dataset, cfg: DataConfig) -> DataLoader:
+    """A loader that evaluates ``dataset`` in order (e.g. ``bundle.val``)."""
+    return DataLoader(
+        dataset,
+        batch_size=cfg.eval_batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
 
 
 def calibration_batches(bundle: DataBundle, cfg: DataConfig, seed: int = 0) -> list[tuple[Tensor, Tensor]]:

@@ -293,20 +293,40 @@ def _pipeline(run: _Run) -> dict[str, Any]:
     run.model = run.model.to(run.device)
     _check_fits_data(run.model, run.size, run.bundle.num_classes, cfg)
 
-    selection, scales, weights, info, reported = stage_search(run, done["search"])
-    pruned, rw_report = stage_reweight(run, done["reweight"], selection, scales, weights)
+    searched = stage_search(run, done["search"])
+    pruned, rw_report = stage_reweight(
+        run, done["reweight"], searched.selection, searched.scales, searched.weights
+    )
     before = _evaluate(run, pruned)
     pruned, ft_record = stage_finetune(run, done["finetune"], pruned)
-    return stage_evaluate(run, selection, info, reported, pruned, rw_report, ft_record, before)
+    return stage_evaluate(run, searched, pruned, rw_report, ft_record, before)
 
 
 def _evaluate(run: _Run, model: torch.nn.Module) -> dict[str, Any]:
+    """Test metrics, and validation metrics under ``"val"`` when the data holds a validation split."""
+    from nas_headprune import data as data_mod
     from nas_headprune.evaluator import metrics
 
-    return metrics.evaluate(model, run.test_loader, device=run.device)
+    report = metrics.evaluate(model, run.test_loader, device=run.device)
+    if run.bundle.val is not None:
+        val_loader = data_mod.make_eval_loader(run.bundle.val, run.data_cfg)
+        report["val"] = metrics.evaluate(model, val_loader, device=run.device)
+    return report
 
 
-def stage_search(run: _Run, done: bool) -> tuple[Any, Any, Any, Any, Any]:
+@dataclass
+class Searched:
+    """What the search stage hands on: the selection and what the strategy learned with it."""
+
+    selection: Any
+    scales: dict[str, torch.Tensor] | None
+    weights: dict[str, torch.Tensor] | None
+    info: dict[str, Any]
+    reported_macs: float | None
+    weight_steps: int  # optimizer steps of the search that updated the model's weights
+
+
+def stage_search(run: _Run, done: bool) -> Searched:
     """Build the space and run the strategy, or read the finished search back."""
     from safetensors.torch import save_file
 
@@ -329,13 +349,14 @@ def stage_search(run: _Run, done: bool) -> tuple[Any, Any, Any, Any, Any]:
             scales = read_tensors(out / "search_scales.safetensors") if saved["has_scales"] else None
             weights = read_tensors(out / "search_weights.safetensors") if saved["has_weights"] else None
             info, reported = saved["info"], saved["reported_macs"]
+            weight_steps = int(saved["weight_steps"])
             run.timings["search_s"] = float(saved["search_s"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(
                 f"{search_file} is damaged or was edited ({type(exc).__name__}: {exc}); rerun with --restart"
             ) from exc
         log.info("search already finished; resuming from %s", search_file)
-        return selection, scales, weights, info, reported
+        return Searched(selection, scales, weights, info, reported, weight_steps)
     run.folder.start("search", run.inputs["search"])
     (out / "search_state").mkdir(exist_ok=True)
     ctx = SearchContext(
@@ -375,13 +396,14 @@ def stage_search(run: _Run, done: bool) -> tuple[Any, Any, Any, Any, Any]:
                 "reported_macs": reported,
                 "has_scales": bool(scales),
                 "has_weights": bool(weights),
+                "weight_steps": result.weight_steps,
                 "search_s": run.timings["search_s"],
                 "fingerprint": run.fingerprints["search"],
             },
         )
     run.folder.finish("search")
     run.mlog.write("search_done", seconds=run.timings["search_s"], info=info)
-    return selection, scales, weights, info, reported
+    return Searched(selection, scales, weights, info, reported, result.weight_steps)
 
 
 def _same_on_every_rank(strategy: str, selection: Any) -> None:
@@ -501,9 +523,7 @@ def stage_finetune(
 
 def stage_evaluate(
     run: _Run,
-    selection: Any,
-    info: Any,
-    reported: Any,
+    searched: Searched,
     pruned: torch.nn.Module,
     rw_report: dict[str, Any],
     ft_record: dict[str, Any] | None,
@@ -520,11 +540,16 @@ def stage_evaluate(
     dense_eval = _evaluate(run, model)
     run.mlog.write("evaluated", dense=dense_eval, pruned_before_finetune=before)
     after = _evaluate(run, pruned)
+    # validation metrics sit beside the test ones; None when the data holds no validation split
+    before, after = dict(before), dict(after)
+    dense_val, before_val, after_val = (d.pop("val", None) for d in (dense_eval, before, after))
+    search_steps = searched.weight_steps
+    finetune_steps = int(ft_record["steps"]) if ft_record else 0
     throughput = metrics.measure_throughput(
         {"dense": model, "pruned": pruned}, run.size, batch_size=cfg.throughput_batch, device=run.device
     )
     pruned_macs = measure_macs(pruned, run.size)
-    arch = selection.architecture()
+    arch = searched.selection.architecture()
     cost = analytic_cost(run.space, arch)
     dense_macs = run.dense_macs
     record = {
@@ -537,21 +562,32 @@ def stage_evaluate(
             "flops": 2 * dense_macs,
             "params": metrics.count_params(model),
             **dense_eval,
+            "val": dense_val,
+            "val_top1": dense_val["top1"] if dense_val else None,
         },
         "pruned": {
             "macs": pruned_macs,
             "flops": 2 * pruned_macs,
             "analytic_macs": float(cost.macs),
-            "reported_macs": reported if reported is not None else pruned_macs,
+            "reported_macs": searched.reported_macs if searched.reported_macs is not None else pruned_macs,
             "macs_ratio": pruned_macs / dense_macs,
             "params": metrics.count_params(pruned),
             "before_finetune": before,
             "after_finetune": after,
+            "val_before_finetune": before_val,
+            "val_after_finetune": after_val,
+            "val_top1": after_val["top1"] if after_val else None,
+        },
+        # optimizer steps that trained the model's weights: the search's and the fine-tune's
+        "training_steps": {
+            "search": search_steps,
+            "finetune": finetune_steps,
+            "total": search_steps + finetune_steps,
         },
         "reweight": rw_report,
         "finetune": ft_record,
         "throughput": throughput,
-        "strategy_info": info,
+        "strategy_info": searched.info,
         "timings": run.timings,
         "versions": versions(),
         "device": str(run.device),

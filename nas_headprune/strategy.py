@@ -157,6 +157,9 @@ class SearchResult:
     ``weights`` (optional): a state dict for the dense model that the search trained (strategies
     that learn weights jointly with the architecture); the evaluator materialises a copy of the
     model holding these weights instead of the original ones.
+    ``weight_steps``: how many optimizer steps of the search updated the model's weights (0 for a
+    strategy that only scores); results report it next to the fine-tune's steps, so strategies can
+    be compared at equal training.
     """
 
     selection: Selection | Mapping[str, Any]
@@ -164,6 +167,7 @@ class SearchResult:
     scales: dict[str, torch.Tensor] | None = None
     reported_macs: float | None = None
     weights: dict[str, torch.Tensor] | None = None
+    weight_steps: int = 0
 
 
 class Strategy(ABC):
@@ -183,6 +187,12 @@ class Strategy(ABC):
     @abstractmethod
     def search(self, ctx: SearchContext) -> SearchResult:
         """Return a head-balanced selection of ``ctx.space`` costing at most ``ctx.target_macs``."""
+
+    def planned_weight_steps(self) -> int:
+        """How many optimizer steps on the model's weights :meth:`search` will take with this config
+        (the ``weight_steps`` of its result). The ablation runner's ``equal_steps`` gives the rest of
+        a common step budget to the fine-tune. Strategies that train weights override this."""
+        return 0
 
 
 class ScoringStrategy(Strategy):

@@ -387,3 +387,50 @@ def test_config_defaults() -> None:
 def test_config_rejects(kwargs) -> None:
     with pytest.raises(ValidationError):
         DataConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- validation split
+
+
+def _digit_labels(ds) -> torch.Tensor:
+    return ds.tensors[1]
+
+
+@pytest.mark.parametrize("size, expected", [(0.2, 287), (100, 100)])
+def test_val_split_is_stratified_disjoint_and_seeded(size, expected) -> None:
+    full = load_datasets(DataConfig(name="digits"))
+    bundle = load_datasets(DataConfig(name="digits", val_split=size), seed=3)
+    assert bundle.val is not None and len(bundle.val) == expected
+    assert len(bundle.train) + len(bundle.val) == len(full.train)
+    # disjoint: no training image is in the validation split
+    train_x = {tuple(x.flatten().tolist()) for x in bundle.train.tensors[0]}
+    assert not any(tuple(x.flatten().tolist()) in train_x for x in bundle.val.tensors[0])
+    # stratified: every class holds out its share, within one sample
+    all_counts = torch.bincount(_digit_labels(full.train), minlength=10).double()
+    val_counts = torch.bincount(_digit_labels(bundle.val), minlength=10).double()
+    assert (val_counts - all_counts * expected / len(full.train)).abs().max() < 1.0
+    # the split depends on val_seed only, not on the run seed; calibration never draws from it
+    again = load_datasets(DataConfig(name="digits", val_split=size), seed=7)
+    assert torch.equal(again.val.tensors[0], bundle.val.tensors[0])
+    other = load_datasets(DataConfig(name="digits", val_split=size, val_seed=1), seed=3)
+    assert not torch.equal(other.val.tensors[0], bundle.val.tensors[0])
+    calib = calibration_batches(
+        bundle, DataConfig(name="digits", calib_batches=4, calib_batch_size=64), seed=3
+    )
+    assert not any(tuple(x.flatten().tolist()) not in train_x for b in calib for x in b[0])
+
+
+def test_train_subset_is_drawn_after_the_val_split() -> None:
+    bundle = load_datasets(DataConfig(name="digits", val_split=0.25, train_subset=200))
+    assert len(bundle.train) == 200 and bundle.val is not None and len(bundle.val) == 359
+
+
+@pytest.mark.parametrize("size", [0.0, 1.0, -3, 0])
+def test_val_split_out_of_range_is_refused(size) -> None:
+    with pytest.raises(ValueError, match="val_split"):
+        DataConfig(name="digits", val_split=size)
+
+
+def test_val_split_that_leaves_nothing_is_refused() -> None:
+    with pytest.raises(ConfigError, match="val_split=5000"):
+        load_datasets(DataConfig(name="digits", val_split=5000))

@@ -306,3 +306,18 @@ def test_config_error_does_not_import_torch(tmp_path) -> None:
 def test_quick_without_a_quick_section_exits_2(tmp_path, capsys) -> None:
     assert main(["search", "--quick", "--out", str(tmp_path / "run")]) == 2
     assert "has no 'quick' section" in _err(capsys)
+
+
+def test_results_carry_validation_metrics_and_training_steps(finished, tmp_path) -> None:
+    plain = json.loads((finished / "result.json").read_text())
+    assert plain["pruned"]["val_top1"] is None and plain["dense"]["val"] is None
+    assert plain["training_steps"] == {"search": 0, "finetune": 3, "total": 3}
+    assert main(_search_args(tmp_path, "budget=0.6", "data.val_split=0.1")) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    for section in ("val_before_finetune", "val_after_finetune"):
+        assert result["pruned"][section]["samples"] == 144  # 10% of digits' 1,437 training images
+    assert result["pruned"]["val_top1"] == result["pruned"]["val_after_finetune"]["top1"]
+    assert result["dense"]["val"]["samples"] == 144 and result["dense"]["val_top1"] is not None
+    assert result["pruned"]["after_finetune"]["samples"] == plain["pruned"]["after_finetune"]["samples"]
+    # the validation split changes the training data: another search, not a resumed one
+    assert result["fingerprints"]["search"] != plain["fingerprints"]["search"]
