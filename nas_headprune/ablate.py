@@ -25,6 +25,7 @@ finished trial and its search/fine-tune checkpoints let an interrupted trial res
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -82,6 +83,7 @@ class QuickSpec(BaseModel):
     variants: list[str] | None = Field(None, description="keep only these variant names")
     set: dict[str, Any] = Field(default_factory=dict)
     strategy_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    equal_steps: int | None = Field(None, ge=0)
 
 
 #: sbatch options that the launcher writes itself: the field to use instead, or None
@@ -155,6 +157,12 @@ class AblationSpec(BaseModel):
     variants: list[Variant] = Field(default_factory=list)
     quick: QuickSpec | None = None
     launcher: LauncherConfig | None = None
+    equal_steps: int | None = Field(
+        None,
+        ge=0,
+        description="give every trial this many training steps in all: the fine-tune gets what the "
+        "strategy's search does not spend on the weights (finetune.epochs=1 with that many steps)",
+    )
 
     @field_validator("budgets")
     @classmethod
@@ -196,7 +204,7 @@ class AblationSpec(BaseModel):
         data = self.model_dump()
         data["name"] = f"{self.name}-quick"
         data["quick"] = None
-        for key in ("strategies", "budgets", "seeds"):
+        for key in ("strategies", "budgets", "seeds", "equal_steps"):
             if getattr(q, key) is not None:
                 data[key] = getattr(q, key)
         if q.variants is not None:
@@ -310,11 +318,35 @@ def expand(spec: AblationSpec) -> list[Trial]:
                                 axes=grid_part,
                             )
                         )
+    if spec.equal_steps is not None:
+        trials = [_with_equal_steps(t, spec.equal_steps) for t in trials]
     ids = [t.trial_id for t in trials]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise ConfigError(f"ablation {spec.name!r} expands to repeated trials: {', '.join(dup[:5])}")
     return trials
+
+
+def _with_equal_steps(trial: Trial, total: int) -> Trial:
+    """``trial`` with a fine-tune of ``total`` minus the steps its search trains the weights."""
+    from nas_headprune.config import load_config
+    from nas_headprune.registry import make_strategy
+
+    try:
+        cfg = load_config(trial.base, list(trial.overrides))
+        planned = make_strategy(cfg.strategy, cfg.strategy_options).planned_weight_steps()
+    except UsageError as exc:
+        raise type(exc)(f"trial {trial.trial_id}: {exc}") from exc
+    rest = total - planned
+    if rest < 0:
+        raise ConfigError(
+            f"trial {trial.trial_id}: equal_steps={total} is less than the {planned} steps its search "
+            "trains the weights; raise equal_steps or shorten the search"
+        )
+    finetune = (
+        ["finetune.epochs=0"] if rest == 0 else ["finetune.epochs=1", f"finetune.max_steps_per_epoch={rest}"]
+    )
+    return dataclasses.replace(trial, overrides=(*trial.overrides[:-1], *finetune, trial.overrides[-1]))
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -362,6 +394,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """The flat metrics a store row keeps next to the full result record."""
     pruned, dense = result["pruned"], result["dense"]
     throughput = result.get("throughput", {}).get("pruned", {})
+    steps = result.get("training_steps") or {}
     return {
         "top1_dense": dense.get("top1"),
         "top1_before": pruned["before_finetune"].get("top1"),
@@ -373,6 +406,12 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "params_ratio": pruned["params"] / dense["params"],
         "speedup": throughput.get("speedup"),
         **{k: float(v) for k, v in result.get("timings", {}).items()},
+        "top1_val_dense": dense.get("val_top1"),
+        "top1_val_before": (pruned.get("val_before_finetune") or {}).get("top1"),
+        "top1_val_after": pruned.get("val_top1"),
+        "steps_search": steps.get("search"),
+        "steps_finetune": steps.get("finetune"),
+        "steps_total": steps.get("total"),
     }
 
 

@@ -118,7 +118,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, str], report_command: s
         "measured throughput ratio pruned/dense of that trial (timed while other trials may share the "
         "machine). Search s is the search time recorded with the search result; trial s is the wall "
         "time of the attempt that finished the trial, so a retried trial that resumed a finished "
-        "search can take less than its search.\n\n"
+        "search can take less than its search. Validation top-1 is on the split held out of the "
+        "training data (`data.val_split`; empty when the ablation holds none): make choices on it and "
+        "read the test column once, for the final table. Training steps are the optimizer steps that "
+        "trained the weights: the search's plus the fine-tune's.\n\n"
     )
     dense = _dense_top1(rows)
     if dense:
@@ -126,15 +129,17 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, str], report_command: s
     groups = group_rows(rows)
     out.write(
         "| strategy | budget | variant | seeds | top-1 before fine-tune | top-1 after fine-tune | "
-        "MACs % | params % | speedup | search s | trial s |\n"
+        "validation top-1 after fine-tune | training steps | MACs % | params % | speedup | search s | "
+        "trial s |\n"
     )
-    out.write("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    out.write("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     for g in groups:
         failed = len(g.rows) - len(g.done)
         seeds = f"{len(g.done)}" + (f" ({failed} not finished)" if failed else "")
         out.write(
             f"| {g.strategy} | {g.budget:g} | {g.variant} | {seeds} | {_fmt(g.values('top1_before'))} | "
-            f"{_fmt(g.values('top1_after'))} | {_fmt(g.values('macs_ratio', 100), 1)} | "
+            f"{_fmt(g.values('top1_after'))} | {_fmt(g.values('top1_val_after'))} | "
+            f"{_fmt(g.values('steps_total'), 0)} | {_fmt(g.values('macs_ratio', 100), 1)} | "
             f"{_fmt(g.values('params_ratio', 100), 1)} | {_fmt(g.values('speedup'))} | "
             f"{_fmt(g.values('search_s'), 1)} | {_fmt(g.values('seconds'), 0)} |\n"
         )

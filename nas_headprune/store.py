@@ -20,7 +20,7 @@ from typing import Any
 from nas_headprune.errors import NasHeadpruneError, UsageError
 
 APP = "nas-headprune-ablation"
-SCHEMA = 1
+SCHEMA = 2
 
 SUMMARY_COLUMNS = (
     "top1_dense",
@@ -35,7 +35,16 @@ SUMMARY_COLUMNS = (
     "search_s",
     "materialize_reweight_s",
     "finetune_s",
+    # since schema 2: validation top-1 and the training steps of the trial
+    "top1_val_dense",
+    "top1_val_before",
+    "top1_val_after",
+    "steps_search",
+    "steps_finetune",
+    "steps_total",
 )
+#: the summary columns a schema-1 store lacks; opening one adds them (NULL for its old rows)
+_ADDED_IN_SCHEMA_2 = SUMMARY_COLUMNS[-6:]
 
 _TRIAL_COLUMNS = (
     "trial_id TEXT PRIMARY KEY",
@@ -132,6 +141,14 @@ class ResultsStore:
                 f"{self.path} is an SQLite database of another application (meta.app={meta.get('app')!r}, "
                 f"expected {APP!r})"
             )
+        if meta.get("schema") == "1":  # add the columns of schema 2; the old rows keep NULL there
+            with self.conn:
+                for column in _ADDED_IN_SCHEMA_2:
+                    if column not in cols:
+                        self.conn.execute(f"ALTER TABLE trials ADD COLUMN {column} REAL")
+                self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA),))
+            cols |= set(_ADDED_IN_SCHEMA_2)
+            meta["schema"] = str(SCHEMA)
         if meta.get("schema") != str(SCHEMA):
             self.conn.close()
             raise StoreError(

@@ -329,3 +329,62 @@ def test_a_variant_added_in_the_middle_is_reported_in_file_order(tmp_path):
     store.register(expand(spec(["a", "b", "c"])))
     assert [r["variant"] for r in store.rows()] == ["a", "b", "c"]
     store.close()
+
+
+def test_equal_steps_gives_the_fine_tune_what_the_search_does_not_train() -> None:
+    spec = tiny_spec(
+        strategies=["magnitude", "similarity_indicator"],
+        seeds=[0],
+        equal_steps=30,
+        strategy_options={"similarity_indicator": {"steps": 12}},
+    )
+    by_strategy = {t.strategy: t.overrides for t in expand(spec)}
+    assert "finetune.max_steps_per_epoch=30" in by_strategy["magnitude"]
+    assert "finetune.max_steps_per_epoch=18" in by_strategy["similarity_indicator"]  # 12 search steps train
+    assert "finetune.epochs=1" in by_strategy["magnitude"]
+    without_weights = tiny_spec(
+        strategies=["similarity_indicator"],
+        seeds=[0],
+        equal_steps=30,
+        strategy_options={"similarity_indicator": {"steps": 12, "train_weights": False}},
+    )
+    assert "finetune.max_steps_per_epoch=30" in expand(without_weights)[0].overrides
+    too_few = tiny_spec(strategies=["similarity_indicator"], seeds=[0], equal_steps=5)
+    with pytest.raises(ConfigError, match="equal_steps=5 is less than the 200 steps"):
+        expand(too_few)
+
+
+def test_summary_and_report_carry_validation_and_steps(tmp_path) -> None:
+    spec = tiny_spec(
+        seeds=[0],
+        set={**TINY_SET, "data.val_split": 0.1, "finetune.epochs": 1, "finetune.max_steps_per_epoch": 2},
+    )
+    out = tmp_path / "ab"
+    run_ablation(spec, out, progress=False)
+    rows, _ = load_rows(out)
+    assert rows[0]["steps_finetune"] == 2 and rows[0]["steps_total"] == 2 and rows[0]["steps_search"] == 0
+    assert rows[0]["top1_val_after"] is not None and rows[0]["top1_val_dense"] is not None
+    md = Path(write_report(out)["files"][0]).read_text()
+    assert "validation top-1 after fine-tune" in md and "training steps" in md
+
+
+def test_a_schema_1_store_gains_the_new_columns_and_keeps_its_rows(tmp_path) -> None:
+    from nas_headprune.store import _TRIAL_COLUMNS, SCHEMA, SUMMARY_COLUMNS
+
+    old_columns = [c for c in _TRIAL_COLUMNS if c.split()[0] not in SUMMARY_COLUMNS[-6:]]
+    path = tmp_path / "results.sqlite"
+    _sqlite(
+        path,
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        f"CREATE TABLE trials ({', '.join(old_columns)})",
+        "INSERT INTO meta VALUES ('app', 'nas-headprune-ablation'), ('schema', '1')",
+        "INSERT INTO trials (trial_id, idx, strategy, budget, seed, variant, axes, base, overrides, status,"
+        " top1_after) VALUES ('t0', 0, 'magnitude', 0.5, 0, 'base', '{}', 'default', '[]', 'done', 85.5)",
+    )
+    with ResultsStore.open(path) as store:
+        cols = {r[1] for r in store.conn.execute("PRAGMA table_info(trials)")}
+        assert set(SUMMARY_COLUMNS) <= cols
+        assert [tuple(r) for r in store.conn.execute("SELECT top1_after, steps_total FROM trials")] == [
+            (85.5, None)
+        ]
+        assert dict(store.conn.execute("SELECT key, value FROM meta").fetchall())["schema"] == str(SCHEMA)
