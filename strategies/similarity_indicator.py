@@ -22,6 +22,13 @@ Every ``checkpoint_every`` steps the whole state goes atomically to
 ``ctx.work_dir / "similarity_indicator.pt"``; a later search with the same context and config resumes
 from it and ends exactly where an uninterrupted one would. The trained weights are kept in that file
 too (``info["trained_weights"]``).
+
+Under ``torchrun`` the search is data-parallel: every rank trains the same copy on its shard of
+``ctx.train_loader`` and the gradients of every trainable tensor are averaged across ranks after each
+backward (one flattened all-reduce per step), so all ranks hold the same indicators, scales and
+weights. The calibration statistics (Gram matrices, attention differences) are summed over the
+ranks' shares of the calibration batches; rank 0 alone writes checkpoints and picks the final
+selection, which it broadcasts. On CUDA the forward passes run under autocast (``amp``).
 """
 
 from __future__ import annotations
@@ -32,12 +39,14 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from pydantic import Field
@@ -45,8 +54,15 @@ from torch import Tensor, nn
 
 from nas_headprune.allocate import BudgetError, check_reachable
 from nas_headprune.atomic import atomic_path
-from nas_headprune.errors import ArchitectureError, CheckpointError, NonFiniteLossError, UsageError
+from nas_headprune.errors import (
+    ArchitectureError,
+    CheckpointError,
+    NonFiniteLossError,
+    StrategyError,
+    UsageError,
+)
 from nas_headprune.evaluator.cost import analytic_cost
+from nas_headprune.evaluator.metrics import amp_dtype
 from nas_headprune.space import (
     QUERY_SCALE,
     DimSpec,
@@ -54,6 +70,7 @@ from nas_headprune.space import (
     LayerSpace,
     MaskSet,
     SpaceAdapter,
+    split_label,
 )
 from nas_headprune.strategy import SearchContext, SearchResult, Strategy, StrategyConfig
 
@@ -62,8 +79,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "similarity_indicator.pt"
 _FORMAT = 1
 _EPS = 1e-12
-#: config fields that do not change the result (left out of the resume fingerprint)
-_NOT_FINGERPRINTED = ("checkpoint_every",)
+#: config fields left out of the resume fingerprint: ``checkpoint_every`` does not change the result;
+#: ``amp`` is fingerprinted as the autocast dtype it gives on the device (none on the CPU)
+_NOT_FINGERPRINTED = ("checkpoint_every", "amp")
 #: what :meth:`SimilarityIndicator._save` writes (``cuda_rng`` may be None)
 _STATE_KEYS = frozenset(
     {
@@ -150,6 +168,91 @@ class SimilarityIndicatorConfig(StrategyConfig):
     checkpoint_every: int = Field(
         50, ge=0, description="save the search state every this many steps into ctx.work_dir (0: never)"
     )
+    amp: bool = Field(
+        True,
+        description="mixed precision on CUDA: the forward passes run under autocast (bf16 where the GPU "
+        "supports it, else fp16 with a gradient scaler); ignored on the CPU",
+    )
+
+
+# ====================================================================== data parallelism
+
+
+class Reducer(Protocol):
+    """Sums or maxes tensors across the processes of a data-parallel search, in place; every process
+    calls it with tensors of the same shapes in the same order."""
+
+    def sum_(self, tensors: Sequence[Tensor]) -> None: ...
+
+    def max_(self, tensors: Sequence[Tensor]) -> None: ...
+
+
+class _DataParallel:
+    """The collectives of a search under ``torchrun``: one flattened buffer per dtype and call, on
+    the backend's device (the GPU for NCCL, the CPU for gloo). In one process nothing happens."""
+
+    def __init__(self, ctx: SearchContext, device: torch.device) -> None:
+        self.rank, self.world = ctx.rank, ctx.world_size
+        self.active = ctx.distributed
+        nccl = self.active and dist.get_backend() == "nccl"
+        self.device = device if nccl else torch.device("cpu")
+        self._flags: dict[tuple[bool, ...], Tensor] = {}
+        #: set (on the device, without a host sync) when the ranks' backwards reached different parameters
+        self.mismatch: Tensor | None = None
+
+    def _flat(self, tensors: Sequence[Tensor], collective: Callable[[Tensor], Any]) -> None:
+        by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
+        for t in tensors:
+            by_dtype[t.dtype].append(t)
+        for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+            group = by_dtype[dtype]
+            flat = torch.cat([t.detach().reshape(-1).to(self.device) for t in group])  # (sum numel,)
+            collective(flat)
+            with torch.no_grad():
+                for t, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
+                    t.copy_(part.view(t.shape))
+
+    def broadcast_(self, tensors: Sequence[Tensor]) -> None:
+        """Every rank gets rank 0's values."""
+        if self.active and tensors:
+            self._flat(tensors, lambda flat: dist.broadcast(flat, src=0))
+
+    def sum_(self, tensors: Sequence[Tensor]) -> None:
+        if self.active and tensors:
+            self._flat(tensors, lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
+
+    def max_(self, tensors: Sequence[Tensor]) -> None:
+        if self.active and tensors:
+            self._flat(tensors, lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.MAX))
+
+    def average_grads_(self, params: Sequence[Tensor]) -> None:
+        """Replace every gradient by its mean over the ranks: one all-reduce for all of them, no host
+        sync. A parameter without a gradient here adds zeros; if some rank had one for it (its
+        backward took another path), ``mismatch`` is set and the search stops at its next sync."""
+        if not self.active:
+            return
+        present = tuple(p.grad is not None for p in params)
+        flags = self._flags.get(present)
+        if flags is None:  # built once per pattern: no host-to-device copy per step
+            flags = self._flags[present] = torch.tensor(present, dtype=torch.float32, device=self.device)
+        counts = flags.clone()  # after the mean: 1 where every rank had a gradient, 0 where none had
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+        def mean(flat: Tensor) -> None:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(self.world)
+
+        self._flat([*grads, counts], mean)
+        partial = ((counts > 0) & (counts < 1)).any()
+        self.mismatch = partial if self.mismatch is None else self.mismatch | partial
+
+
+def _share(ctx: SearchContext, items: list[Any], comm: _DataParallel) -> tuple[list[Any], Reducer | None]:
+    """This rank's share of ``items`` and the reducer that adds the shares up; every rank takes all
+    of them (and nothing is reduced) in one process, or when there are fewer items than ranks."""
+    if not comm.active or len(items) < comm.world:
+        return items, None
+    return ctx.shard(items), comm
 
 
 # =============================================================== 3.2 channel-similarity weights
@@ -239,12 +342,16 @@ def similarity_weights(
     batches: Sequence[Any],
     reading: Literal["redundancy", "alignment"],
     device: str | torch.device = "cpu",
+    *,
+    reduce: Reducer | None = None,
 ) -> dict[str, Tensor]:
     """Channel-similarity weights per dimension label: ``(H, d)`` for attention, ``(m,)`` for MLPs.
 
     Hooks gather every channel's activations over all tokens of ``batches`` (q and k activations
     together for ``:qk``); the Gram matrices are accumulated in float64 and turned into weights by
-    :func:`weights_from_gram`. ``model`` is run in eval mode and left as it was.
+    :func:`weights_from_gram`. ``model`` is run in eval mode and left as it was. Under ``torchrun``
+    each process passes its share of the batches and a ``reduce`` that sums the Gram matrices over
+    the processes, so every one gets the weights of all the batches.
     """
     taps, missing = _feature_taps(space)
     for label in missing:
@@ -276,6 +383,10 @@ def similarity_weights(
             group = [t for t in module_taps if t.on_input == on_input]
             if not group:
                 continue
+            if reduce is not None:  # every process sums the same matrices, even one without batches
+                for tap in group:
+                    heads, width = tap.positions.shape
+                    grams.setdefault(tap.label, torch.zeros(heads, width, width, dtype=torch.float64))
             hook = make_hook(group, on_input)
             if on_input:
                 handles.append(modules[name].register_forward_pre_hook(hook))
@@ -290,6 +401,8 @@ def similarity_weights(
         for h in handles:
             h.remove()
         model.train(was_training)
+    if reduce is not None:
+        reduce.sum_([grams[label] for label in sorted(grams)])
     out: dict[str, Tensor] = {}
     for label, d in space.dims.items():
         if label in grams:
@@ -314,7 +427,12 @@ def query_subset(tokens: int, max_query_tokens: int, generator: torch.Generator 
 
 
 def attention_difference_scores(
-    phi_q: Tensor, phi_k: Tensor, max_query_tokens: int, *, generator: torch.Generator | None = None
+    phi_q: Tensor,
+    phi_k: Tensor,
+    max_query_tokens: int,
+    *,
+    generator: torch.Generator | None = None,
+    reduce: Reducer | None = None,
 ) -> Tensor:
     """``D[h, j] = ||A_h - A_h^(-j)||_F / ||A_h||_F`` for a linear attention (METHOD.md 3.5).
 
@@ -329,6 +447,10 @@ def attention_difference_scores(
     ``(r^2 |S_j|^2 - 2 r r_j <S, S_j> + r_j^2 |S|^2) / (r^2 (r - r_j)^2)``, where ``|S|^2 = q G q^T``,
     ``<S, S_j> = q_j (q G)_j``, ``|S_j|^2 = q_j^2 G_jj`` and ``r_j = q_j sum_n k_nj``, so memory is
     ``O(B H (queries + d) d)``.
+
+    Under ``torchrun`` each process passes its share of the images and a ``reduce`` across the
+    processes: the numerators and denominators are summed (and the scale of the degenerate-row
+    thresholds is maxed), so every process gets ``D`` over all the images.
     """
     if phi_q.dim() != 4 or phi_q.shape[:2] != phi_k.shape[:2] or phi_q.shape[-1] != phi_k.shape[-1]:
         raise UsageError(
@@ -347,7 +469,12 @@ def attention_difference_scores(
     cross = q * qg  # (B, H, Q, d): <S_q, S_j,q>
     own = q.square() * gram.diagonal(dim1=-2, dim2=-1).unsqueeze(2)  # (B, H, Q, d): |S_j,q|^2
     rest = r - r_j  # (B, H, Q, d): row sums without channel j
-    scale = rest.abs().amax().clamp_min(_EPS)
+    if reduce is None:
+        scale = rest.abs().amax().clamp_min(_EPS)
+    else:  # the thresholds below must not depend on how the images are split
+        scale = rest.abs().amax().reshape(1)
+        reduce.max_([scale])
+        scale = scale[0].clamp_min(_EPS)
     valid_row = r > _EPS * scale  # (B, H, Q, 1)
     has_rest = rest > _EPS * scale  # (B, H, Q, d)
     num = (r.square() * own - 2 * r * r_j * cross + r_j.square() * s_sq).clamp_min(0)
@@ -355,7 +482,11 @@ def attention_difference_scores(
     a_sq = s_sq / r.square().clamp_min(_EPS**2)  # (B, H, Q, 1): |A_q|^2
     diff = torch.where(has_rest, diff, a_sq.expand_as(diff)) * valid_row
     total = (a_sq * valid_row).sum((0, 2))  # (H, 1)
-    return (diff.sum((0, 2)) / total.clamp_min(_EPS)).sqrt().float()  # (H, d)
+    if reduce is None:
+        return (diff.sum((0, 2)) / total.clamp_min(_EPS)).sqrt().float()  # (H, d)
+    sums = torch.cat([diff.sum((0, 2)), total], dim=-1)  # (H, d + 1): numerators, denominator
+    reduce.sum_([sums])
+    return (sums[:, :-1] / sums[:, -1:].clamp_min(_EPS)).sqrt().float()  # (H, d)
 
 
 def indicator_init_from_difference(
@@ -378,10 +509,15 @@ def indicator_init_from_difference(
 
 
 def _attention_difference_init(
-    model: nn.Module, space: HeadSpace, ctx: SearchContext, cfg: SimilarityIndicatorConfig
+    model: nn.Module,
+    space: HeadSpace,
+    ctx: SearchContext,
+    cfg: SimilarityIndicatorConfig,
+    comm: _DataParallel | None = None,
 ) -> tuple[dict[str, Tensor], list[str]]:
     """Initial qk indicators of the linear-attention layers whose adapter exposes
-    ``focused_features(module, *args, **kwargs) -> (phi_q, phi_k)``, each ``(B, H, N, d)``."""
+    ``focused_features(module, *args, **kwargs) -> (phi_q, phi_k)``, each ``(B, H, N, d)``. With a
+    ``comm`` that spans several processes each one reads its share of the calibration batches."""
     linear = [lay for lay in space.layers.values() if lay.meta.get("attention") == "linear"]
     out: dict[str, Tensor] = {}
     skipped: list[str] = []
@@ -406,21 +542,24 @@ def _attention_difference_init(
             feats[_label].append((phi_q.detach().cpu(), phi_k.detach().cpu()))
 
         handles.append(modules[layer.label].register_forward_pre_hook(hook, with_kwargs=True))
+    calib = ctx.calib[: cfg.calib_batches_for_similarity]
+    batches, reduce = _share(ctx, calib, comm) if comm is not None else (calib, None)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for batch in ctx.calib[: cfg.calib_batches_for_similarity]:
+            for batch in batches:
                 model(_inputs(batch).to(ctx.device))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    for label, pairs in feats.items():
+    for label in sorted(feats):  # the same order on every rank: each label is one reduction
+        pairs = feats[label]
         phi_q = torch.cat([p[0] for p in pairs])  # (B, H, N, d)
         phi_k = torch.cat([p[1] for p in pairs])  # (B, H, N, d)
         gen = ctx.torch_generator(f"similarity_indicator:init:{label}")
-        diff = attention_difference_scores(phi_q, phi_k, cfg.init_query_tokens, generator=gen)
+        diff = attention_difference_scores(phi_q, phi_k, cfg.init_query_tokens, generator=gen, reduce=reduce)
         m0 = indicator_init_from_difference(diff, cfg.tau, cfg.init_margin, cfg.init_scale)
         if cfg.init == "shuffled_difference":
             order = torch.randperm(
@@ -451,14 +590,32 @@ def padded_width(widest: int, spec: DimSpec) -> int:
     return min(fits) if fits else spec.max_width
 
 
-def top_channels(score: Tensor, width: int) -> Tensor:
+def allowed_widths(spec: DimSpec, device: str | torch.device = "cpu") -> Tensor:
+    """The allowed widths of ``spec``, widest first, as a long tensor (for :func:`dimension_masks`)."""
+    return torch.tensor(sorted(spec.allowed(), reverse=True), dtype=torch.long, device=device)
+
+
+def nearest_width_tensor(count: Tensor, heads: int, allowed: Tensor) -> Tensor:
+    """:func:`nearest_width` of ``count / heads`` on the device, without a host sync: ``allowed``
+    widest first (:func:`allowed_widths`), compared in integers as ``|w * heads - count|``, so a tie
+    keeps the wider width exactly as :func:`nearest_width` does."""
+    gap = (allowed * heads - count).abs()  # (n,)
+    # argmin takes the first, the widest, of equal gaps; gather, since indexing with a tensor syncs
+    return allowed.gather(0, torch.argmin(gap).reshape(1)).squeeze(0)
+
+
+def top_channels(score: Tensor, width: int | Tensor) -> Tensor:
     """0/1 mask ``(H, d)`` of each head's top-``width`` channels by score (ties: lower index), the
-    same order as :meth:`HeadSpace.selection_from_scores`."""
-    order = torch.sort(-score.detach().float(), dim=1, stable=True).indices[:, :width]  # (H, w)
-    return torch.zeros_like(score).scatter_(1, order, 1.0)
+    same order as :meth:`HeadSpace.selection_from_scores`. ``width`` may be a 0-d tensor."""
+    order = torch.sort(-score.detach().float(), dim=1, stable=True).indices  # (H, d)
+    place = torch.arange(order.shape[1], device=order.device).expand_as(order)  # (H, d)
+    rank = torch.empty_like(order).scatter_(1, order, place)  # (H, d): each channel's place in its head
+    return (rank < width).to(score.dtype)
 
 
-def dimension_masks(score: Tensor, spec: DimSpec, tau: float, balance: bool) -> tuple[Tensor, Tensor, Tensor]:
+def dimension_masks(
+    score: Tensor, spec: DimSpec, tau: float, balance: bool, allowed: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """One dimension's masks from its scores (``(H, d)``, or ``(m,)`` for an MLP).
 
     Returns ``(hard, ste, width)``: the 0/1 mask; the same values with the straight-through gradient
@@ -466,14 +623,17 @@ def dimension_masks(score: Tensor, spec: DimSpec, tau: float, balance: bool) -> 
     gradient is the straight-through count of channels above ``tau``, divided by ``H``. With
     ``balance`` every head keeps its top ``nearest_width(k / H)`` channels (``k`` the count above
     ``tau`` in the whole dimension); without it the mask is ``score > tau`` as is and the width the
-    mean per-head count.
+    mean per-head count. Everything stays on the scores' device (no host sync); ``allowed`` is
+    :func:`allowed_widths` of ``spec`` on that device, built once by a caller that loops.
     """
     heads = spec.heads
     s = score.reshape(heads, -1)  # (H, d)
     above = s.detach() > tau  # (H, d)
     through = s - s.detach()  # zeros that carry the gradient to the scores
     if balance:
-        width = nearest_width(float(above.sum()) / heads, spec)
+        if allowed is None:
+            allowed = allowed_widths(spec, s.device)
+        width = nearest_width_tensor(above.sum(), heads, allowed)  # 0-d long
         hard = top_channels(s, width)
         width_t = width + through.sum() / heads
     else:
@@ -552,6 +712,19 @@ def foldable_kinds(layer: LayerSpace, module: nn.Module) -> list[str]:
     return kinds
 
 
+def _search_macs(space: HeadSpace, widths: Mapping[str, Tensor]) -> Tensor:
+    """``analytic_cost(space, widths).macs`` (the same sum, in the same order) without the parameter
+    counts, which the search does not use and which may read tensor widths back to the host."""
+    per_layer: dict[str, dict[str, Any]] = defaultdict(dict)
+    for label, value in widths.items():
+        layer_name, kind = split_label(label)
+        per_layer[layer_name][kind] = value
+    total: Any = space.fixed_macs
+    for name, layer in space.layers.items():
+        total = total + layer.macs({**layer.dense_widths(), **per_layer[name]})
+    return total
+
+
 def _model_digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
@@ -564,53 +737,111 @@ class _Batches:
     """The training batches: ``ctx.train_loader`` epoch after epoch, or ``ctx.calib`` cycled.
 
     The loader's generator (if it has one) is recorded when the search starts, set back to that state
-    on resume, and handed back to the caller as it was found: the search leaves no trace in it.
+    on resume, and handed back to the caller as it was found: the search leaves no trace in it. A
+    sampler with ``set_epoch`` (``DistributedSampler``) gets each epoch's number, and its epoch is
+    handed back too. Without a loader, rank ``r`` of ``W`` takes calibration batch ``i * W + r`` at
+    its ``i``-th step, so the ranks train on different batches.
     """
 
     def __init__(self, ctx: SearchContext) -> None:
         self.loader = ctx.train_loader
         self.calib = ctx.calib
+        self.rank, self.world = ctx.rank, ctx.world_size
         gen = getattr(self.loader, "generator", None)
         self.generator: torch.Generator | None = gen if isinstance(gen, torch.Generator) else None
         self.caller_state = self.generator.get_state() if self.generator is not None else None
         self.start_state = self.caller_state
+        sampler = getattr(self.loader, "sampler", None)
+        set_epoch = getattr(sampler, "set_epoch", None)
+        self.set_epoch: Callable[[int], None] | None = set_epoch if callable(set_epoch) else None
+        self.caller_epoch = getattr(sampler, "epoch", None)
         self.epoch = 0
         self.index = 0
         self._it: Iterator | None = None
         if self.loader is None and not self.calib:
             raise UsageError("similarity_indicator needs ctx.train_loader or calibration batches")
 
+    def _per_epoch(self) -> int | None:
+        try:
+            return len(self.loader) if self.loader is not None else None  # type: ignore[arg-type]
+        except TypeError:  # an iterable without a length
+            return None
+
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "start": self.start_state}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "start": self.start_state,
+            "world_size": self.world,
+            "per_epoch": self._per_epoch(),
+        }
+
+    def _iter(self) -> Iterator:
+        if self.set_epoch is not None:
+            self.set_epoch(self.epoch)
+        return iter(self.loader)  # type: ignore[arg-type]
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        """Replay the batches consumed so far (re-read, not trained on) to reach the same position."""
+        """Replay the batches consumed so far (re-read, not trained on) to reach the same position.
+
+        A position saved by another number of processes is carried over by the samples all ranks
+        had consumed: ``(epoch * per_epoch + index) * saved_world`` batches in all, shared by the
+        ranks of this run."""
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world:
+            self._convert(saved_world, state.get("per_epoch"))
         if self.loader is None:
             return
         if self.generator is not None and state.get("start") is not None:
             self.start_state = state["start"]
             self.generator.set_state(self.start_state)
-        for _ in range(self.epoch):
-            for _ in iter(self.loader):
+        target, self.epoch = self.epoch, 0
+        while self.epoch < target:
+            for _ in self._iter():
                 pass
-        self._it = iter(self.loader)
-        for _ in range(self.index):
-            next(self._it)
+            self.epoch += 1
+        self._it = self._iter()
+        for i in range(self.index):
+            try:
+                next(self._it)
+            except StopIteration:  # shorter than the saved position (another world size): next epoch
+                log.debug(
+                    "the loader ran out after %d of %d batches; resuming at the next epoch", i, self.index
+                )
+                self.epoch, self.index = self.epoch + 1, 0
+                self._it = self._iter()
+                break
+
+    def _convert(self, saved_world: int, saved_per_epoch: Any) -> None:
+        per_epoch = self._per_epoch()
+        if self.loader is None:
+            self.index = self.index * saved_world // self.world
+        elif isinstance(saved_per_epoch, int) and per_epoch:
+            consumed = (self.epoch * saved_per_epoch + self.index) * saved_world // self.world
+            self.epoch, self.index = divmod(consumed, per_epoch)
+        log.info(
+            "the search checkpoint was written by %d process(es), this run has %d: it continues after "
+            "the same number of samples (epoch %d, batch %d), with other batches than an uninterrupted run",
+            saved_world,
+            self.world,
+            self.epoch,
+            self.index,
+        )
 
     def next(self) -> Any:
         if self.loader is None:
-            batch = self.calib[self.index % len(self.calib)]
+            batch = self.calib[(self.index * self.world + self.rank) % len(self.calib)]
             self.index += 1
             return batch
         if self._it is None:
-            self._it = iter(self.loader)
+            self._it = self._iter()
         try:
             batch = next(self._it)
         except StopIteration:
             self.epoch += 1
             self.index = 0
-            self._it = iter(self.loader)
+            self._it = self._iter()
             try:
                 batch = next(self._it)
             except StopIteration:
@@ -622,6 +853,8 @@ class _Batches:
         self._it = None
         if self.generator is not None and self.caller_state is not None:
             self.generator.set_state(self.caller_state)
+        if self.set_epoch is not None and isinstance(self.caller_epoch, int):
+            self.set_epoch(self.caller_epoch)
 
 
 @dataclass
@@ -637,6 +870,13 @@ class _History:
     @classmethod
     def from_state(cls, s: Mapping[str, Any]) -> _History:
         return cls(list(s["loss"]), list(s["task"]), list(s["ratio"]), s["first_within"])
+
+    def extend(self, first_step: int, loss: list[float], task: list[float], ratio: list[float]) -> None:
+        self.loss += loss
+        self.task += task
+        self.ratio += ratio
+        if self.first_within is None:
+            self.first_within = next((first_step + i for i, r in enumerate(ratio) if r <= 1.0), None)
 
     def summary(self, window: int = 10) -> dict[str, Any]:
         if not self.loss:
@@ -654,6 +894,28 @@ class _History:
             "task_loss_last": mean(self.task[-window:]),
             "macs_ratio_to_target_trace": [round(r, 4) for r in self.ratio[::stride]],
         }
+
+
+@dataclass
+class _Pending:
+    """The per-step values not yet read back to the host: 0-d tensors, read at the logging cadence
+    and before every checkpoint (one sync for all of them)."""
+
+    loss: list[Tensor] = field(default_factory=list)
+    task: list[Tensor] = field(default_factory=list)
+    ratio: list[Tensor] = field(default_factory=list)
+
+    def add(self, loss: Tensor, task: Tensor, ratio: Tensor) -> None:
+        self.loss.append(loss.detach())
+        self.task.append(task.detach())
+        self.ratio.append(ratio.detach())
+
+    def take(self) -> Tensor:
+        """``(3, n)`` float64: loss, task loss and MACs / target of the pending steps (exact: every
+        value is a float32 widened), and forget them."""
+        values = torch.stack([torch.stack(col).double() for col in (self.loss, self.task, self.ratio)])
+        self.loss, self.task, self.ratio = [], [], []
+        return values
 
 
 def load_searched_weights(model: nn.Module, work_dir: str | Path) -> nn.Module:
@@ -712,6 +974,26 @@ def _state_problem(state: Mapping[str, Any], space: HeadSpace) -> str | None:
     return None
 
 
+def _same_state_on_every_rank(
+    scores: Mapping[str, Tensor], scales: Mapping[str, Tensor] | None, weights: Mapping[str, Tensor] | None
+) -> None:
+    """Raise :class:`StrategyError` unless every rank ends with the same scores, scales and weights
+    (a SHA-256 of their bytes, gathered from every rank)."""
+    h = hashlib.sha256()
+    for group in (scores, scales or {}, weights or {}):
+        for name in sorted(group):
+            h.update(name.encode())
+            h.update(group[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, h.hexdigest())
+    if len(set(digests)) > 1:
+        raise StrategyError(
+            "similarity_indicator: the ranks ended the search with different indicators, scales or "
+            f"weights ({', '.join(f'rank {r}: {d[:12]}' for r, d in enumerate(digests))}); the "
+            "data-parallel replicas drifted apart"
+        )
+
+
 def _read_state(path: Path, device: torch.device) -> dict[str, Any]:
     """The search checkpoint at ``path`` as a dict; a file torch cannot load, or that holds no
     dict, is a :class:`CheckpointError` saying how to start over."""
@@ -760,8 +1042,13 @@ class _Run:
     unfoldable: list[str]
     init_layers: list[str]
     init_skipped: list[str]
+    comm: _DataParallel
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    pending: _Pending = field(default_factory=_Pending)
     step: int = 0
     resumed_from: int | None = None
+    resumed_world: int | None = None
     last_saved: int = -1
 
     @property
@@ -781,6 +1068,12 @@ class SimilarityIndicator(Strategy):
         "MACs penalty (METHOD.md 3)"
     )
     Config = SimilarityIndicatorConfig
+
+    def planned_weight_steps(self) -> int:
+        """Every search step updates the model's weights unless they are frozen."""
+        cfg = self.config
+        assert isinstance(cfg, SimilarityIndicatorConfig)
+        return cfg.steps if cfg.train_weights and cfg.lr_weights > 0 else 0
 
     # ------------------------------------------------------------------ test hook
     def _on_step(self, step: int, masks: Mapping[str, Tensor]) -> None:
@@ -819,6 +1112,11 @@ class SimilarityIndicator(Strategy):
             "dims": {k: [d.heads, d.max_width, d.min_width, d.step] for k, d in space.dims.items()},
             "model": _model_digest(ctx.model),
         }
+        # neither the device nor the world size: a search resumes on another number of processes
+        # (docs/similarity_indicator.md); autocast changes the numbers, so its dtype is recorded
+        dtype = amp_dtype(torch.device(ctx.device)) if cfg.amp else None
+        if dtype is not None:
+            record["amp"] = str(dtype)
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
     def _load_checkpoint(self, path: Path | None, fingerprint: str, device: torch.device) -> dict | None:
@@ -844,11 +1142,22 @@ class SimilarityIndicator(Strategy):
         model.train(cfg.train_weights)
         model.requires_grad_(cfg.train_weights)
         teacher = copy.deepcopy(ctx.model).to(device).eval().requires_grad_(False) if cfg.distill else None
+        comm = _DataParallel(ctx, device)
+        dtype = amp_dtype(device) if cfg.amp else None
         ckpt_path = Path(ctx.work_dir) / CHECKPOINT_NAME if ctx.work_dir is not None else None
         fingerprint = self._fingerprint(ctx, space, cfg) if ckpt_path is not None else ""
         saved = self._load_checkpoint(ckpt_path, fingerprint, device)
         if saved is not None:
             _check_state(saved, space, ckpt_path)
+        if comm.active:  # every rank reads rank 0's file: they must agree on where to start
+            step = int(saved["step"]) if saved is not None else -1
+            first = ctx.broadcast(step)
+            if ctx.any_rank(first != step):
+                raise CheckpointError(
+                    f"{ckpt_path}: the ranks found different search checkpoints (rank 0: step {first}, "
+                    f"rank {ctx.rank}: step {step}; -1 is none); put ctx.work_dir on a file system "
+                    "every rank shares"
+                )
 
         modules = dict(ctx.model.named_modules())
         foldable: list[str] = []
@@ -871,12 +1180,12 @@ class SimilarityIndicator(Strategy):
         else:
             if cfg.similarity == "none":
                 similarity = {label: torch.ones(_shape(space, label)) for label in space.dims}
-            else:
-                calib = ctx.calib[: cfg.calib_batches_for_similarity]
-                similarity = similarity_weights(model, space, calib, cfg.similarity, device)
+            else:  # under torchrun: each rank reads its share, the Gram matrices are summed
+                calib, reduce = _share(ctx, ctx.calib[: cfg.calib_batches_for_similarity], comm)
+                similarity = similarity_weights(model, space, calib, cfg.similarity, device, reduce=reduce)
             start = {label: torch.ones(_shape(space, label)) for label in space.dims}
             if cfg.init in ("attention_difference", "shuffled_difference"):
-                init, init_skipped = _attention_difference_init(model, space, ctx, cfg)
+                init, init_skipped = _attention_difference_init(model, space, ctx, cfg, comm)
                 start.update(init)
                 init_layers = sorted(k.rpartition(":")[0] for k in init)
         similarity = {k: v.float().to(device) for k, v in similarity.items()}
@@ -931,11 +1240,16 @@ class SimilarityIndicator(Strategy):
             unfoldable=unfoldable,
             init_layers=init_layers,
             init_skipped=init_skipped,
+            comm=comm,
+            amp_dtype=dtype,
+            # fp16 (a GPU without bf16) needs loss scaling; bf16 and the CPU do not
+            scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
         )
         if saved is None:
             torch.default_generator.manual_seed(ctx.rng("similarity_indicator").getrandbits(62))
             if device.type == "cuda":
                 torch.cuda.manual_seed(ctx.rng("similarity_indicator:cuda").getrandbits(62))
+            self._sync_replicas(run)
             return run
         try:
             with torch.no_grad():
@@ -943,8 +1257,12 @@ class SimilarityIndicator(Strategy):
                     p.copy_(saved["gammas"][k])
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
+            if run.scaler is not None and saved.get("scaler") is not None:
+                run.scaler.load_state_dict(saved["scaler"])
             run.history = _History.from_state(saved["history"])
             run.step = run.resumed_from = run.last_saved = int(saved["step"])
+            saved_world = int(saved["batches"].get("world_size", 1))
+            run.resumed_world = saved_world if saved_world != ctx.world_size else None
             run.batches.restore(saved["batches"])
             torch.set_rng_state(saved["rng"].cpu())
             if saved.get("cuda_rng") is not None and device.type == "cuda":
@@ -955,12 +1273,33 @@ class SimilarityIndicator(Strategy):
                 f"{ckpt_path}: the search checkpoint is damaged ({type(exc).__name__}: {exc}); "
                 "delete it to start over"
             ) from exc
-        log.info("resuming the search from step %d of %d (%s)", run.step, cfg.steps, ckpt_path)
+        self._sync_replicas(run)
+        if ctx.rank == 0:
+            log.info("resuming the search from step %d of %d (%s)", run.step, cfg.steps, ckpt_path)
         return run
 
+    @staticmethod
+    def _sync_replicas(run: _Run) -> None:
+        """Under torchrun, every rank starts from rank 0's weights, indicators, scales and similarity
+        weights (one broadcast, as DistributedDataParallel does); from then on the averaged gradients
+        keep them equal."""
+        if not run.comm.active:
+            return
+        tensors = [
+            *(t for t in run.model.state_dict().values() if t.is_floating_point()),  # not index buffers
+            *run.indicators.values(),
+            *run.gammas.values(),
+            *(t for k in sorted(run.similarity) for t in (run.similarity[k], run.mult[k], run.add[k])),
+        ]
+        run.comm.broadcast_(tensors)
+
     def _save(self, run: _Run) -> None:
-        """Write the whole state atomically (temporary file, then ``os.replace``)."""
+        """Write the whole state atomically (temporary file, then ``os.replace``); rank 0 alone
+        writes (every rank holds the same state)."""
         if run.ckpt_path is None or run.last_saved == run.step:
+            return
+        if run.ctx.rank != 0:
+            run.last_saved = run.step
             return
         state = {
             "format": _FORMAT,
@@ -978,27 +1317,37 @@ class SimilarityIndicator(Strategy):
             "init_layers": run.init_layers,
             "init_skipped": run.init_skipped,
         }
+        if run.scaler is not None:
+            state["scaler"] = run.scaler.state_dict()
         run.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(run.ckpt_path) as tmp:
             torch.save(state, tmp)
         run.last_saved = run.step
 
     def _train(self, run: _Run, masks: MaskSet) -> None:
+        """The search loop. Nothing in a step waits for the device: the loss, task loss and MACs
+        ratio stay on it until :meth:`_flush` reads them, every ``log_every = max(1, steps // 10)``
+        steps, before every checkpoint and after the last step."""
         from nas_headprune.progress import stderr_progress
 
         cfg, space, history = run.cfg, run.space, run.history
         dims = space.dims
         balanced = {label: cfg.balance or space.layer_of(label).kind == "mlp" for label in dims}
+        allowed = {label: allowed_widths(d, run.device) for label, d in dims.items()}
+        trainable = [p for group in run.opt.param_groups for p in group["params"]]
+        log_every = max(1, cfg.steps // 10)
+        dtype = run.amp_dtype
+        non_blocking = run.device.type == "cuda"
         with stderr_progress(enabled=run.ctx.progress, transient=True) as bar:
             task_id = bar.add_task("similarity_indicator search", total=cfg.steps, completed=run.step)
             while run.step < cfg.steps:
-                x, y = (t.to(run.device) for t in run.batches.next()[:2])
+                x, y = (t.to(run.device, non_blocking=non_blocking) for t in run.batches.next()[:2])
                 hard: dict[str, Tensor] = {}
                 widths: dict[str, Tensor] = {}
                 masks.clear()
                 for label, score in run.scores().items():
                     hard[label], ste, widths[label] = dimension_masks(
-                        score, dims[label], cfg.tau, balanced[label]
+                        score, dims[label], cfg.tau, balanced[label], allowed[label]
                     )
                     gamma = run.gammas.get(label)
                     if gamma is not None and label.endswith(":v"):
@@ -1006,59 +1355,97 @@ class SimilarityIndicator(Strategy):
                     elif gamma is not None:
                         masks[label + QUERY_SCALE] = gamma  # query scales: queries only
                     masks[label] = ste
-                logits = _logits(run.model(x))
+                autocast = (
+                    torch.autocast(device_type=run.device.type, dtype=dtype)
+                    if dtype is not None
+                    else nullcontext()
+                )
+                with autocast:
+                    logits = _logits(run.model(x)).float()  # (B, classes); a no-op in float32
+                    teacher = None
+                    if run.teacher is not None:
+                        with torch.no_grad():
+                            teacher = _logits(run.teacher(x)).float()
                 task = F.cross_entropy(logits, y)
                 loss = task
-                if run.teacher is not None:
-                    with torch.no_grad():
-                        teacher = _logits(run.teacher(x))
+                if teacher is not None:
                     loss = loss + F.kl_div(
                         F.log_softmax(logits, -1),
                         F.log_softmax(teacher, -1),
                         reduction="batchmean",
                         log_target=True,
                     )
-                ratio = analytic_cost(space, widths).macs / run.target  # differentiable in the scores
+                ratio = _search_macs(space, widths) / run.target  # differentiable in the scores
                 excess = ratio - 1.0
                 penalty = torch.relu(excess).square() if cfg.penalty == "above" else excess.square()
                 loss = loss + cfg.lam * penalty
                 run.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                run.opt.step()
+                (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+                run.comm.average_grads_(trainable)  # under torchrun: the mean gradient of all ranks
+                if run.scaler is not None:
+                    run.scaler.step(run.opt)
+                    run.scaler.update()
+                else:
+                    run.opt.step()
 
                 run.step += 1
-                r = float(ratio.detach())
-                loss_value = float(loss.detach())  # synced for the history anyway: checking it is free
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(
-                        f"similarity_indicator: the search loss is {loss_value} at step {run.step} of "
-                        f"{cfg.steps} (task loss {float(task.detach())}); the search stops without saving "
-                        f"this step. Lower strategy_options.lr_weights (now {cfg.lr_weights:g}) or "
-                        f"strategy_options.lr_indicator (now {cfg.lr_indicator:g}), or check the model "
-                        "and data for NaN or inf values"
-                    )
-                history.loss.append(loss_value)
-                history.task.append(float(task.detach()))
-                history.ratio.append(r)
-                if history.first_within is None and r <= 1.0:
-                    history.first_within = run.step
-                if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+                run.pending.add(loss, task, ratio)
+                checkpoint = bool(cfg.checkpoint_every) and run.step % cfg.checkpoint_every == 0
+                logged = run.step % log_every == 0
+                if checkpoint or logged or run.step == cfg.steps:
+                    self._flush(run)  # raises before a checkpoint of a non-finite step is written
+                if checkpoint:
                     self._save(run)
-                if run.step % max(1, cfg.steps // 10) == 0:
+                if logged and run.ctx.rank == 0:
                     log.info(
                         "step %d/%d: loss %.4f (task %.4f), MACs %.3f of the target",
                         run.step,
                         cfg.steps,
                         history.loss[-1],
                         history.task[-1],
-                        r,
+                        history.ratio[-1],
                     )
                 bar.update(task_id, completed=run.step)
                 self._on_step(run.step, {k: v.detach() for k, v in hard.items()})
 
+    def _flush(self, run: _Run) -> None:
+        """Read the pending steps' values (one host sync), averaged over the ranks under torchrun,
+        into the history. A NaN or infinite loss on any rank makes the mean non-finite on every rank,
+        so all of them raise :class:`NonFiniteLossError` here, together, naming the first such step."""
+        pending = len(run.pending.loss)
+        if not pending:
+            return
+        first = run.step - pending + 1
+        values = run.pending.take()  # (3, n): loss, task, ratio
+        if run.comm.active:
+            run.comm.sum_([values[:2]])  # the ratio is the same on every rank
+            values[:2] /= run.comm.world
+        loss, task, ratio = values.tolist()
+        cfg = run.cfg
+        for i, value in enumerate(loss):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"similarity_indicator: the search loss is {value} at step {first + i} of "
+                    f"{cfg.steps} (task loss {task[i]}); the search stops without saving that step or "
+                    f"any later one. Lower strategy_options.lr_weights (now {cfg.lr_weights:g}) or "
+                    f"strategy_options.lr_indicator (now {cfg.lr_indicator:g}), or check the model "
+                    "and data for NaN or inf values"
+                )
+        if run.comm.mismatch is not None and bool(run.comm.mismatch):
+            raise StrategyError(
+                "similarity_indicator: the ranks' backward passes reached different parameters (the "
+                "model took another path on some rank), so their copies would drift apart; the search "
+                "stops without saving"
+            )
+        run.history.extend(first, loss, task, ratio)
+
     def _finish(self, run: _Run) -> SearchResult:
-        cfg, space, ctx = run.cfg, run.space, run.ctx
+        cfg, ctx = run.cfg, run.ctx
         scores = {k: v.detach().float().cpu() for k, v in run.scores().items()}
+        scales = {k: v.detach().float().cpu().clone() for k, v in run.gammas.items()} or None
+        weights = None
+        if cfg.train_weights:
+            weights = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
         info: dict[str, Any] = {
             "similarity": cfg.similarity,
             "combine": cfg.combine,
@@ -1069,6 +1456,43 @@ class SimilarityIndicator(Strategy):
             "steps": cfg.steps,
             "resumed_from_step": run.resumed_from,
         }
+        if run.comm.active:
+            _same_state_on_every_rank(scores, scales, weights)
+            # rank 0 picks the architecture (and any fix-up) and hands it to the others
+            decided = ctx.broadcast(self._decide(run, scores) if ctx.rank == 0 else None)
+            info.update(world_size=ctx.world_size)
+        else:
+            decided = self._decide(run, scores)
+        if run.resumed_world is not None:
+            info.update(resumed_from_world_size=run.resumed_world)
+        if run.amp_dtype is not None:
+            info.update(amp=str(run.amp_dtype).removeprefix("torch."))
+        selection, decision, macs = decided
+        info.update(decision)
+        info.update(
+            first_step_within_budget=run.history.first_within,
+            loss=run.history.summary(),
+            scales_left_out=run.unfoldable if cfg.reweight else [],
+            init_layers=run.init_layers,
+            init_skipped=run.init_skipped,
+            trained_weights=bool(cfg.train_weights),
+        )
+        return SearchResult(
+            selection,
+            info=info,
+            scales=scales,
+            reported_macs=None if cfg.balance else macs,
+            weights=weights,
+            weight_steps=self.planned_weight_steps(),
+        )
+
+    @staticmethod
+    def _decide(run: _Run, scores: Mapping[str, Tensor]) -> tuple[Any, dict[str, Any], float]:
+        """The final selection from the final scores: the architecture the next forward would use,
+        padded without balance, narrowed by :func:`fit_budget` when above the budget. Returns the
+        selection, its ``info`` entries and its MACs."""
+        cfg, space, ctx = run.cfg, run.space, run.ctx
+        decision: dict[str, Any] = {}
         # the architecture the next forward would use: the same rule as dimension_masks
         arch: dict[str, int] = {}
         raw_widths: dict[str, float] = {}
@@ -1082,7 +1506,7 @@ class SimilarityIndicator(Strategy):
         searched_macs = float(analytic_cost(space, arch).macs)
         if not cfg.balance:
             raw_macs = float(analytic_cost(space, raw_widths).macs)
-            info.update(padded=True, raw_macs=raw_macs, padded_macs_before_fixup=searched_macs)
+            decision.update(padded=True, raw_macs=raw_macs, padded_macs_before_fixup=searched_macs)
             log.info(
                 "unbalanced search: the raw masks cost %.4g MACs, padded to equal heads %.4g",
                 raw_macs,
@@ -1100,24 +1524,12 @@ class SimilarityIndicator(Strategy):
         selection = space.selection_from_scores(scores, widths)
         macs = float(analytic_cost(space, selection.architecture()).macs)
         dense = float(ctx.dense_macs)
-        info.update(
+        decision.update(
             macs=macs,
             macs_ratio=macs / dense,
             searched_macs_ratio=searched_macs / dense,
             under_budget=(run.target - macs) / dense,
             fixup=bool(removed),
             fixup_steps=removed,
-            first_step_within_budget=run.history.first_within,
-            loss=run.history.summary(),
-            scales_left_out=run.unfoldable if cfg.reweight else [],
-            init_layers=run.init_layers,
-            init_skipped=run.init_skipped,
-            trained_weights=bool(cfg.train_weights),
         )
-        scales = {k: v.detach().float().cpu().clone() for k, v in run.gammas.items()} or None
-        weights = None
-        if cfg.train_weights:
-            weights = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
-        return SearchResult(
-            selection, info=info, scales=scales, reported_macs=None if cfg.balance else macs, weights=weights
-        )
+        return selection, decision, macs

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import torch
 
 from nas_headprune.evaluator.measure import measure_macs
@@ -40,3 +46,37 @@ def context(rank: int = 0, world_size: int = 1) -> SearchContext:
         rank=rank,
         world_size=world_size,
     )
+
+
+def kill_torchrun(agent: subprocess.Popen) -> None:
+    """SIGKILL a torchrun launch: the agent's process group and each worker's, since torchrun
+    starts every worker in a session of its own (killing the agent alone leaves them running)."""
+    workers = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _parent(entry) == agent.pid
+    ]
+    os.killpg(agent.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    agent.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_fixture import context
+from distributed_fixture import context, kill_torchrun
 from safetensors.torch import load_file
 from test_cli import TINY
 
@@ -153,8 +152,7 @@ def test_killed_torchrun_search_resumes(tmp_path) -> None:
             assert first.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
             time.sleep(0.2)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+        kill_torchrun(first)
     search_bytes = (out / "search.json").read_bytes()
     _run(_torchrun(*_search(out, "taylor", *long)))
     assert (out / "search.json").read_bytes() == search_bytes

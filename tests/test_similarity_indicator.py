@@ -5,7 +5,11 @@ from __future__ import annotations
 import copy
 import re
 import shutil
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import Mlp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, TensorDataset
@@ -27,11 +32,16 @@ from nas_headprune.spaces.timm_vit import TimmMlpAdapter
 from nas_headprune.strategies.similarity_indicator import (
     CHECKPOINT_NAME,
     SimilarityIndicator,
+    _Batches,
+    allowed_widths,
     attention_difference_scores,
     channel_gram,
+    dimension_masks,
     fit_budget,
     indicator_init_from_difference,
     load_searched_weights,
+    nearest_width,
+    nearest_width_tensor,
     query_subset,
     similarity_weights,
     weights_from_gram,
@@ -729,3 +739,186 @@ def test_attention_difference_init_on_a_flatten_model() -> None:
     assert result.info["init_layers"] == linear
     assert result.info["init_skipped"] == []
     validate_result("similarity_indicator", ctx, result)
+
+
+# ------------------------------------------------------ mixed precision, host syncs, torchrun parts
+
+
+def test_amp_switch_is_validated_and_changes_nothing_on_the_cpu(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"strategy_options\.amp: Input should be a valid boolean"):
+        make_strategy("similarity_indicator", {"amp": "sometimes"})
+    ctx = tiny_context(budget=0.5)
+    ctx.work_dir = tmp_path
+    config = {**FAST, "checkpoint_every": 2}
+    with_amp = make_strategy("similarity_indicator", {**config, "amp": True}).search(ctx)
+    assert "amp" not in with_amp.info  # no autocast on the CPU
+    # the same fingerprint on the CPU: the finished search is only re-finalised
+    again = Recording({**config, "amp": False})
+    without = again.search(ctx)
+    assert not again.masks and without.info["resumed_from_step"] == 4
+    ctx.work_dir = None
+    fresh = make_strategy("similarity_indicator", {**config, "amp": False}).search(ctx)
+    assert fresh.selection == with_amp.selection
+    assert all(torch.equal(fresh.scales[k], v) for k, v in with_amp.scales.items())
+    assert all(torch.equal(fresh.weights[k], v) for k, v in with_amp.weights.items())
+
+
+def test_non_finite_loss_stops_at_the_next_sync_before_any_checkpoint(tmp_path) -> None:
+    ctx = tiny_context(budget=0.5)
+    ctx.work_dir = tmp_path
+    # 40 steps: values are read every 4 steps and before the checkpoint of step 3; the loss turns
+    # NaN at step 2 (lr_weights=1e30), which is named, and the checkpoint of step 3 is not written
+    strategy = Recording(
+        {"steps": 40, "checkpoint_every": 3, "lr_weights": 1e30, "calib_batches_for_similarity": 1}
+    )
+    with pytest.raises(NonFiniteLossError, match=r"search loss is nan at step 2 of 40"):
+        strategy.search(ctx)
+    assert sorted(strategy.masks) == [1, 2]  # step 3 ended in the error, before its hook
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+    ctx.work_dir = None
+    strategy = Recording(
+        {"steps": 40, "checkpoint_every": 0, "lr_weights": 1e30, "calib_batches_for_similarity": 1}
+    )
+    with pytest.raises(NonFiniteLossError, match=r"search loss is nan at step 2 of 40"):
+        strategy.search(ctx)
+    assert sorted(strategy.masks) == [1, 2, 3]  # read at step 4, the logging cadence
+
+
+_SYNCS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__bool__,
+    torch.Tensor.__index__,
+    torch.Tensor.numpy,
+    torch.Tensor.cpu,
+}
+
+
+class _SyncProbe(TorchFunctionMode):
+    """Records the calls that read a tensor back to the host (a device sync on a GPU), by the step
+    that was running; the optimizer's own reads of its CPU step counters are left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = 0
+        self.calls: dict[int, list[str]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _SYNCS and not any("torch/optim/" in f.filename for f in traceback.extract_stack()):
+            self.calls.setdefault(self.step, []).append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_search_loop_reads_values_back_only_at_the_logging_cadence() -> None:
+    probe = _SyncProbe()
+
+    class Probed(SimilarityIndicator):
+        def _on_step(self, step, masks) -> None:
+            probe.step = step + 1  # what follows belongs to the next step
+
+    with probe:
+        Probed({"steps": 40, "checkpoint_every": 0, "calib_batches_for_similarity": 1}).search(
+            tiny_context(budget=0.5)
+        )
+    in_loop = {step: names for step, names in probe.calls.items() if 2 <= step <= 40}
+    assert set(in_loop) == set(range(4, 41, 4))  # log_every = steps // 10
+    assert all(names == ["tolist"] for names in in_loop.values())
+
+
+def test_device_masks_follow_the_host_rule() -> None:
+    from nas_headprune.space import DimSpec
+
+    for spec in (DimSpec("a:qk", "qk", 3, 8, 1, 1), DimSpec("b:v", "v", 4, 16, 4, 2)):
+        allowed = allowed_widths(spec)
+        for count in range(spec.heads * spec.max_width + 1):
+            expected = nearest_width(count / spec.heads, spec)
+            assert int(nearest_width_tensor(torch.tensor(count), spec.heads, allowed)) == expected
+    spec = DimSpec("c:qk", "qk", 3, 8, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        score = torch.randint(0, 4, (3, 8), generator=gen).float() / 3  # many ties
+        hard, ste, width = dimension_masks(score, spec, 0.5, True)
+        w = nearest_width(float((score > 0.5).sum()) / 3, spec)
+        order = torch.sort(-score, dim=1, stable=True).indices[:, :w]
+        assert torch.equal(hard, torch.zeros_like(score).scatter_(1, order, 1.0))
+        assert float(width) == w and torch.equal(ste, hard)
+
+
+class _ThreadRanks:
+    """A fake group of processes for the reductions: one thread per rank, meeting at a barrier."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.barrier = threading.Barrier(world)
+        self.slots: dict[int, list[torch.Tensor]] = {}
+
+    def rank(self, r: int):
+        ranks = self
+
+        class Reducer:
+            def sum_(self, tensors):
+                ranks._reduce(r, tensors, lambda x: x.sum(0))
+
+            def max_(self, tensors):
+                ranks._reduce(r, tensors, lambda x: x.amax(0))
+
+        return Reducer()
+
+    def _reduce(self, r, tensors, op) -> None:
+        self.slots[r] = [t.clone() for t in tensors]
+        self.barrier.wait()
+        together = [
+            op(torch.stack([self.slots[k][i] for k in range(self.world)])) for i in range(len(tensors))
+        ]
+        self.barrier.wait()
+        for t, value in zip(tensors, together, strict=True):
+            t.copy_(value)
+
+
+def test_calibration_statistics_summed_over_a_split_equal_the_whole() -> None:
+    ctx = tiny_context(budget=0.5)
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(4, *ctx.space.input_size, generator=gen),) for _ in range(4)]
+    whole = similarity_weights(ctx.model, ctx.space, batches, "redundancy")
+    ranks = _ThreadRanks(2)
+    models = [copy.deepcopy(ctx.model) for _ in range(2)]  # each thread hooks its own copy
+
+    def part(r: int):
+        return similarity_weights(models[r], ctx.space, batches[r::2], "redundancy", reduce=ranks.rank(r))
+
+    with ThreadPoolExecutor(2) as pool:
+        split = list(pool.map(part, range(2)))
+    for label, expected in whole.items():
+        for got in split:
+            torch.testing.assert_close(got[label], expected, rtol=0, atol=1e-5)
+
+    phi_q = torch.randn(6, 2, 40, 8, generator=gen).relu()
+    phi_k = torch.randn(6, 2, 40, 8, generator=gen).relu()
+    phi_q[0] = 0  # an image without attention: its rows are left out on both sides
+    whole_d = attention_difference_scores(phi_q, phi_k, 16, generator=torch.Generator().manual_seed(5))
+
+    def part_d(r: int):
+        return attention_difference_scores(
+            phi_q[r::2], phi_k[r::2], 16, generator=torch.Generator().manual_seed(5), reduce=ranks.rank(r)
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        split_d = list(pool.map(part_d, range(2)))
+    for got in split_d:
+        torch.testing.assert_close(got, whole_d, rtol=1e-5, atol=1e-6)
+
+
+def test_the_data_position_is_carried_across_world_sizes() -> None:
+    calib = [(torch.full((1,), float(i)), torch.zeros(1)) for i in range(5)]
+    rank1 = _Batches(SimpleNamespace(train_loader=None, calib=calib, rank=1, world_size=2))
+    assert [int(rank1.next()[0]) for _ in range(3)] == [1, 3, 0]  # batch (i * 2 + 1) % 5
+    one = _Batches(SimpleNamespace(train_loader=None, calib=calib, rank=0, world_size=1))
+    one.restore(rank1.state())
+    assert one.index == 6  # 3 steps of 2 ranks
+    loader = DataLoader(TensorDataset(torch.arange(10.0)), batch_size=2)  # 5 batches an epoch
+    batches = _Batches(SimpleNamespace(train_loader=loader, calib=[], rank=0, world_size=1))
+    batches.restore({"epoch": 1, "index": 2, "start": None, "world_size": 2, "per_epoch": 5})
+    assert (batches.epoch, batches.index) == (2, 4)  # (1 * 5 + 2) * 2 batches consumed
+    assert batches.next()[0].tolist() == [8.0, 9.0]
