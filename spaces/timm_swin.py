@@ -1,5 +1,7 @@
 """Space adapter for timm Swin ``WindowAttention`` (window softmax attention with a relative
-position bias). The bias table is per head and heads are never removed, so it is kept whole."""
+position bias). The bias table is per head and heads are never removed, so it is kept whole.
+The pruned module resizes its table like timm's (``set_window_size``), so ``set_input_size`` keeps
+working on a pruned Swin."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import cast
 
 import torch
 from einops import rearrange
+from timm.layers import resize_rel_pos_bias_table, to_2tuple
 from timm.models.swin_transformer import WindowAttention, get_relative_position_index
 from torch import nn
 
@@ -74,6 +77,33 @@ class PrunedWindowAttention(nn.Module):
         )  # (B_, H, M, d_v)
         x = rearrange(x, "b h n d -> b n (h d)")  # (B_, M, H*d_v)
         return self.proj_drop(self.proj(x))
+
+    def set_window_size(self, window_size: tuple[int, int] | int) -> None:
+        """Resize the relative position table to a new window size by timm's interpolation and
+        rebuild the index (``SwinTransformerBlock.set_input_size`` calls this)."""
+        new = cast("tuple[int, int]", tuple(to_2tuple(window_size)))
+        if new == self.window_size:
+            return
+        old = cast("tuple[int, int]", self.window_size)
+        self.window_size = new
+        win_h, win_w = new
+        self.window_area = win_h * win_w
+        table = self.relative_position_bias_table
+        with torch.no_grad():
+            self.relative_position_bias_table = nn.Parameter(
+                resize_rel_pos_bias_table(
+                    table,
+                    new_window_size=new,
+                    new_bias_shape=((2 * win_h - 1) * (2 * win_w - 1), self.num_heads),
+                    old_window_size=old,
+                ),
+                requires_grad=table.requires_grad,
+            )
+        self.register_buffer(
+            "relative_position_index",
+            get_relative_position_index(win_h, win_w, device=table.device),
+            persistent=False,
+        )
 
 
 class TimmWindowAttentionAdapter(FusedQkvAdapter):

@@ -134,6 +134,8 @@ FAMILY_ZOO = {
     "swin": ("swin_tiny_patch4_window7_224", _TINY_SWIN, (3, 32, 32)),
     "swinv2": ("swinv2_tiny_window8_256", _TINY_SWIN, (3, 32, 32)),
     "pvt_v2": ("pvt_v2_b0", dict(_TINY_PYRAMID, num_classes=10), (3, 32, 32)),
+    # linear spatial reduction: keys and values from a 7x7 average pool, a 1x1 conv, norm and GELU
+    "pvt_v2_li": ("pvt_v2_b2_li", dict(_TINY_PYRAMID, num_classes=10), (3, 32, 32)),
     "twins_pcpvt": (
         "twins_pcpvt_small",
         dict(_TINY_PYRAMID, img_size=32, patch_size=4, num_classes=10),
@@ -166,3 +168,129 @@ def make_family_model(key: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = create_model(name, **kwargs) if isinstance(name, str) else name(**kwargs)
     return model.eval()
+
+
+# ------------------------------------------------------ Hugging Face models (the hf extra)
+# Tiny random-weight transformers models built by name through create_model("hf:..."):
+# (name, config kwargs, input size). A text model's input size is its sequence length.
+HF_ZOO = {
+    "hf_bert": (
+        "hf:BertModel",
+        dict(
+            vocab_size=64,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+        (12,),
+    ),
+    "hf_vit": (
+        "hf:ViTModel",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            image_size=32,
+            patch_size=8,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+        (3, 32, 32),
+    ),
+}
+
+
+def make_hf_model(key: str, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """The :data:`HF_ZOO` model ``key`` with random weights (seeded), in eval mode."""
+    name, kwargs, _ = HF_ZOO[key]
+    torch.manual_seed(seed)
+    return create_model(name, attn_implementation=attn_implementation, **kwargs).eval()
+
+
+def hf_example_inputs(key: str) -> dict[str, torch.Tensor] | None:
+    """Batch-1 example inputs of a text model (zero token ids, full mask); ``None`` for images."""
+    size = HF_ZOO[key][2]
+    if len(size) != 1:
+        return None
+    return {
+        "input_ids": torch.zeros(1, size[0], dtype=torch.long),
+        "attention_mask": torch.ones(1, size[0], dtype=torch.long),
+    }
+
+
+def hf_random_inputs(key: str, generator: torch.Generator, batch: int = 2) -> object:
+    """Random inputs: images, or token ids with the last example padded (mask 0 on its last third)."""
+    name, kwargs, size = HF_ZOO[key]
+    if len(size) != 1:
+        return torch.randn(batch, *size, generator=generator)
+    ids = torch.randint(1, int(kwargs["vocab_size"]), (batch, size[0]), generator=generator)
+    mask = torch.ones(batch, size[0], dtype=torch.long)
+    mask[-1, size[0] - size[0] // 3 :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------ families under the adapter kit
+# Families whose adapters the adapter kit (nas_headprune.testing.SpaceAdapterTestCase) checks, with
+# the installed adapters: zoo key (FAMILY_ZOO or HF_ZOO) -> settings. "kwargs" override the zoo's
+# model arguments (CaiT's layer scale starts at 1e-5, which hides its layers from an equivalence
+# check), "folds" is the kit's expected_folds, "skip" leaves unsupported layers dense.
+KIT_FAMILIES: dict[str, dict] = {
+    "vit": dict(folds={"timm_attention": ("qk", "v")}),
+    "pvt_v2": dict(folds={"timm_pvt_attention": ("qk", "v")}),
+    "pvt_v2_li": dict(folds={"timm_pvt_attention": ("qk", "v")}),
+    "cait": dict(
+        kwargs=dict(init_values=1.0),
+        folds={"timm_talking_head_attention": ("qk", "v"), "timm_class_attention": ("qk", "v")},
+    ),
+    "xcit": dict(folds={"timm_class_attention": ("qk", "v")}, skip=True),
+    "hf_bert": dict(folds={"hf_bert_attention": ("qk", "v")}),
+    "hf_vit": dict(folds={"hf_vit_attention": ("qk", "v")}),
+}
+
+
+def kit_case(key: str) -> type:
+    """A :class:`~nas_headprune.testing.SpaceAdapterTestCase` subclass for the zoo family ``key``
+    (settings from :data:`KIT_FAMILIES`); subclass it under a ``Test...`` name to collect it."""
+    from nas_headprune.testing import SpaceAdapterTestCase
+
+    settings = KIT_FAMILIES[key]
+    extra = settings.get("kwargs", {})
+    attrs: dict[str, object] = {
+        "expected_folds": settings.get("folds"),
+        "skip_unsupported": settings.get("skip", False),
+        "architectures": 3,
+    }
+    if key in HF_ZOO:
+        attrs["input_size"] = None if hf_example_inputs(key) is not None else HF_ZOO[key][2]
+        attrs["make_model"] = lambda self: make_hf_model(key)
+        attrs["example_inputs"] = lambda self: hf_example_inputs(key)
+        attrs["make_inputs"] = lambda self, generator: hf_random_inputs(key, generator)
+    else:
+        name, kwargs, size = FAMILY_ZOO[key]
+        attrs["input_size"] = size
+
+        def make_model(self: object) -> torch.nn.Module:
+            torch.manual_seed(0)
+            merged = {**kwargs, **extra}
+            return create_model(name, **merged) if isinstance(name, str) else name(**merged)
+
+        attrs["make_model"] = make_model
+    return type(f"Kit_{key}", (SpaceAdapterTestCase,), attrs)
+
+
+# ------------------------------------------------------------ weights that every channel moves
+def randomize_parameters(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give ``model`` (in place) non-zero random biases, and random values to every parameter that
+    starts at or near zero (relative position tables, q/v biases, classifier heads scaled down at
+    init, small layer scales), so that every pruned channel changes the output measurably."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or p.abs().max() < 1e-2:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
