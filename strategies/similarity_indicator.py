@@ -34,6 +34,7 @@ selection, which it broadcasts. On CUDA the forward passes run under autocast (`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -145,6 +146,13 @@ class SimilarityIndicatorConfig(StrategyConfig):
     init_query_tokens: int = Field(
         256, ge=1, description="3.5 query tokens sampled per image for the attention difference"
     )
+    init_other: Literal["uniform", "taylor", "shuffled_taylor"] = Field(
+        "uniform",
+        description="start of the indicators the attention-difference init does not set (softmax "
+        "attention, MLPs): 1.0 (uniform) or tau + init_margin * normalise(first-order Taylor score on "
+        "the calibration batches), normalised like init_scale; shuffled_taylor is its control, the same "
+        "values dealt in a seeded random order",
+    )
     tau: float = Field(0.5, description="3.1 threshold: a channel is kept when its score exceeds tau")
     lam: float = Field(10.0, ge=0, description="3.6 weight of the MACs penalty")
     penalty: Literal["above", "two_sided"] = Field(
@@ -153,6 +161,16 @@ class SimilarityIndicatorConfig(StrategyConfig):
     )
     steps: int = Field(200, ge=0, description="3.7 search steps (batches)")
     lr_indicator: float = Field(0.02, gt=0, description="Adam learning rate of the indicators")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="schedule of the indicators' learning rate: constant, or cosine to 0"
+    )
+    lam_warmup: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="fraction of the steps over which the MACs penalty weight ramps linearly from 0 to "
+        "lam (an annealed penalty); 0 applies lam from the first step",
+    )
     lr_weights: float = Field(1e-4, ge=0, description="AdamW learning rate of the model weights")
     lr_scales: float = Field(5e-3, ge=0, description="Adam learning rate of the reweight scales")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the model weights")
@@ -574,6 +592,38 @@ def _attention_difference_init(
             float(diff.max()),
         )
     return out, skipped
+
+
+def _taylor_init(space: HeadSpace, ctx: SearchContext, cfg: SimilarityIndicatorConfig) -> dict[str, Tensor]:
+    """Initial indicators of every dimension from its channels' first-order Taylor scores on the
+    calibration batches (the ``taylor`` strategy's scores, summed over ranks under torchrun), mapped
+    like the attention-difference init: ``tau + init_margin * normalise(score)`` per dimension."""
+    from nas_headprune.strategies.taylor import Taylor
+
+    calib = ctx.calib[: cfg.calib_batches_for_similarity]
+    scores = Taylor().score(dataclasses.replace(ctx, space=space, calib=calib))
+    out: dict[str, Tensor] = {}
+    for label in sorted(scores):
+        m0 = indicator_init_from_difference(scores[label].double(), cfg.tau, cfg.init_margin, cfg.init_scale)
+        if cfg.init_other == "shuffled_taylor":
+            gen = ctx.torch_generator(f"similarity_indicator:taylor-shuffle:{label}")
+            m0 = m0.flatten()[torch.randperm(m0.numel(), generator=gen)].reshape(m0.shape)
+        out[label] = m0.reshape(_shape(space, label))
+    log.info("indicators of %d dimensions initialised from first-order Taylor scores", len(out))
+    return out
+
+
+def _lam(cfg: SimilarityIndicatorConfig, step: int) -> float:
+    """The MACs penalty weight at ``step`` (0-based): ``lam``, ramped up over ``lam_warmup`` of the steps."""
+    ramp = cfg.lam_warmup * cfg.steps
+    return cfg.lam if ramp <= 0 else cfg.lam * min(1.0, (step + 1) / ramp)
+
+
+def _indicator_lr(cfg: SimilarityIndicatorConfig, step: int) -> float:
+    """The indicators' learning rate at ``step`` (0-based) under ``lr_schedule``."""
+    if cfg.lr_schedule == "constant" or cfg.steps <= 0:
+        return cfg.lr_indicator
+    return cfg.lr_indicator * 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
 
 
 # ======================================================= 3.1 / 3.3 masks and widths
@@ -1184,6 +1234,8 @@ class SimilarityIndicator(Strategy):
                 calib, reduce = _share(ctx, ctx.calib[: cfg.calib_batches_for_similarity], comm)
                 similarity = similarity_weights(model, space, calib, cfg.similarity, device, reduce=reduce)
             start = {label: torch.ones(_shape(space, label)) for label in space.dims}
+            if cfg.init_other != "uniform":
+                start.update(_taylor_init(space, ctx, cfg))
             if cfg.init in ("attention_difference", "shuffled_difference"):
                 init, init_skipped = _attention_difference_init(model, space, ctx, cfg, comm)
                 start.update(init)
@@ -1378,7 +1430,7 @@ class SimilarityIndicator(Strategy):
                 ratio = _search_macs(space, widths) / run.target  # differentiable in the scores
                 excess = ratio - 1.0
                 penalty = torch.relu(excess).square() if cfg.penalty == "above" else excess.square()
-                loss = loss + cfg.lam * penalty
+                loss = loss + _lam(cfg, run.step) * penalty
                 run.opt.zero_grad(set_to_none=True)
                 (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
                 run.comm.average_grads_(trainable)  # under torchrun: the mean gradient of all ranks
@@ -1387,6 +1439,8 @@ class SimilarityIndicator(Strategy):
                     run.scaler.update()
                 else:
                     run.opt.step()
+                if cfg.lr_schedule != "constant":  # the next step's rate: a function of the step alone
+                    run.opt.param_groups[0]["lr"] = _indicator_lr(cfg, run.step + 1)
 
                 run.step += 1
                 run.pending.add(loss, task, ratio)

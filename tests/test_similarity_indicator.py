@@ -922,3 +922,64 @@ def test_the_data_position_is_carried_across_world_sizes() -> None:
     batches.restore({"epoch": 1, "index": 2, "start": None, "world_size": 2, "per_epoch": 5})
     assert (batches.epoch, batches.index) == (2, 4)  # (1 * 5 + 2) * 2 batches consumed
     assert batches.next()[0].tolist() == [8.0, 9.0]
+
+
+# ------------------------------------------------- data-driven init, lr schedule, annealed penalty
+
+
+def test_taylor_init_orders_the_indicators_like_the_taylor_scores() -> None:
+    from nas_headprune.strategies.similarity_indicator import SimilarityIndicatorConfig, _taylor_init
+    from nas_headprune.strategies.taylor import Taylor
+
+    ctx = tiny_context()
+    cfg = SimilarityIndicatorConfig(init_other="taylor", calib_batches_for_similarity=2)
+    start = _taylor_init(ctx.space, ctx, cfg)
+    scores = Taylor().score(SearchContext(**{**ctx.__dict__, "calib": ctx.calib[:2]}))
+    assert start.keys() == scores.keys() == ctx.space.dims.keys()
+    for label, m0 in start.items():
+        assert m0.shape == scores[label].shape
+        assert float(m0.min()) >= cfg.tau and float(m0.max()) <= cfg.tau + cfg.init_margin + 1e-6
+        flat_m, flat_s = m0.flatten(), scores[label].flatten()
+        strictly = flat_s.unsqueeze(0) > flat_s.unsqueeze(1)  # pairs with a strictly higher score
+        assert bool((flat_m.unsqueeze(0) > flat_m.unsqueeze(1))[strictly].all())
+    shuffled = _taylor_init(ctx.space, ctx, cfg.model_copy(update={"init_other": "shuffled_taylor"}))
+    for label in start:  # the control deals the same values in another order
+        assert torch.equal(shuffled[label].flatten().sort().values, start[label].flatten().sort().values)
+    assert any(not torch.equal(shuffled[k], start[k]) for k in start)
+
+
+def test_taylor_init_changes_the_search_and_keeps_it_valid() -> None:
+    ctx = tiny_context()
+    base = {"steps": 3, "checkpoint_every": 0, "calib_batches_for_similarity": 2}
+    plain = make_strategy("similarity_indicator", base).search(ctx)
+    taylor = make_strategy("similarity_indicator", {**base, "init_other": "taylor"}).search(ctx)
+    selection, _ = validate_result("similarity_indicator", ctx, taylor)
+    assert selection.to_lists() != ctx.space.selection(dict(plain.selection.items())).to_lists()
+
+
+def test_penalty_warmup_and_cosine_indicator_rate() -> None:
+    from nas_headprune.strategies.similarity_indicator import (
+        SimilarityIndicatorConfig,
+        _indicator_lr,
+        _lam,
+    )
+
+    cfg = SimilarityIndicatorConfig(
+        steps=100, lam=10.0, lam_warmup=0.2, lr_schedule="cosine", lr_indicator=0.02
+    )
+    assert [_lam(cfg, s) for s in (0, 9, 19, 50)] == pytest.approx([0.5, 5.0, 10.0, 10.0])
+    assert _lam(cfg.model_copy(update={"lam_warmup": 0.0}), 0) == 10.0
+    assert _indicator_lr(cfg, 0) == pytest.approx(0.02)
+    assert _indicator_lr(cfg, 50) == pytest.approx(0.01)
+    assert _indicator_lr(cfg, 100) == pytest.approx(0.0, abs=1e-12)
+    assert _indicator_lr(cfg.model_copy(update={"lr_schedule": "constant"}), 70) == 0.02
+    with pytest.raises(ValueError):
+        SimilarityIndicatorConfig(lam_warmup=1.5)
+
+
+def test_search_with_cosine_rate_and_annealed_penalty_meets_the_budget() -> None:
+    ctx = tiny_context()
+    options = {"steps": 4, "checkpoint_every": 0, "lr_schedule": "cosine", "lam_warmup": 0.5}
+    result = make_strategy("similarity_indicator", options).search(ctx)
+    _, cost = validate_result("similarity_indicator", ctx, result)
+    assert float(cost.macs) <= ctx.target_macs
