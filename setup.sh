@@ -15,7 +15,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     fi
 fi
 
-python3 -m pip install -q -c constraints.txt -e ".[dev,nni,submitit]"
+python3 -m pip install -q -c constraints.txt -e ".[dev,nni,submitit,hf]"
 
 if [ "${1:-}" = "--install-only" ]; then
     exit 0

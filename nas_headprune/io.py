@@ -40,17 +40,21 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, base: dict[str, 
     """Write ``model`` (a result of :func:`~nas_headprune.materialize`) to ``directory``.
 
     ``base`` (``{"name": ..., "kwargs": {...}}``) is taken from the model when it was built with
-    :func:`nas_headprune.models.factory.create_model`; pass it for models built another way.
+    :func:`nas_headprune.models.factory.create_model`; a Hugging Face model (loaded with
+    ``from_pretrained``, say) is recorded by its config as ``{"name": "hf:<ModelClass>", "kwargs":
+    {config}}``; pass ``base`` for models built another way.
     """
     from safetensors.torch import save_file
 
     from nas_headprune import __version__
     from nas_headprune.evaluator.materialize import META_ATTR
-    from nas_headprune.models.factory import BASE_ATTR
+    from nas_headprune.models.factory import BASE_ATTR, hf_base_record, is_hf_model
 
     meta = getattr(model, META_ATTR, None)
     if meta is None:
         raise UsageError("save_pruned needs a model returned by materialize() (no pruning record found)")
+    if not base and is_hf_model(model):
+        base = hf_base_record(model)  # the pruned copy keeps the dense config, as it is now
     base = base or meta.get("base") or getattr(model, BASE_ATTR, None)
     if not base or "name" not in base:
         raise UsageError(
@@ -141,7 +145,7 @@ def load_pruned(directory: str | os.PathLike, map_location: str = "cpu") -> nn.M
     from safetensors.torch import load_file
 
     from nas_headprune.evaluator.materialize import materialize
-    from nas_headprune.models.factory import create_model
+    from nas_headprune.models.factory import create_model, example_inputs_for
     from nas_headprune.space import build_space
 
     record = read_record(directory)
@@ -151,8 +155,12 @@ def load_pruned(directory: str | os.PathLike, map_location: str = "cpu") -> nn.M
     except (TypeError, ValueError) as exc:  # UsageError (an unknown name) is a ValueError too
         raise CheckpointError(f"cannot rebuild base model {base['name']!r} from {directory}: {exc}") from exc
     try:
+        size = tuple(record["input_size"])
         space = build_space(
-            model, tuple(record["input_size"]), skip_unsupported=record.get("skip_unsupported", False)
+            model,
+            size,
+            example_inputs=example_inputs_for(model, size),
+            skip_unsupported=record.get("skip_unsupported", False),
         )
     # an input size the model cannot run on: timm checks image sizes with assert, torch raises RuntimeError
     except (AssertionError, RuntimeError, ValueError) as exc:

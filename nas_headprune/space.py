@@ -213,10 +213,63 @@ class SpaceAdapter(ABC):
     Adapters are found through the entry point group ``nas_headprune.spaces``. An adapter claims
     modules by type; for a claimed module, :meth:`check` returns ``None`` when the module can be
     pruned exactly, or a reason when it cannot (the layer is then refused or, on request, skipped).
+
+    Besides the abstract methods, an adapter may declare capabilities that :func:`build_space` and
+    strategies read; each has a working default:
+
+    * :attr:`attention_kind`: ``"softmax"`` or ``"linear"`` (how the attention map is formed);
+    * :meth:`focused_features`: the feature maps phi(Q), phi(K) of linear attention (``None``
+      when the adapter cannot give them);
+    * :meth:`call_facts`: shape facts of the module's call that the token count does not give
+      (a feature-map size passed as an argument), added to the layer's ``meta``;
+    * :meth:`open_submodules`: submodules of a claimed module that other adapters may still claim
+      (a feed-forward whose two linears sit beside the attention in one block);
+    * :meth:`fold_scales`: reweight scales folded into the sliced weights (raises
+      :class:`ArchitectureError` for a kind that cannot be folded, the default for every kind).
+
+    ``nas_headprune.testing.SpaceAdapterTestCase`` checks an adapter's properties in its author's
+    own tests.
     """
 
     name: ClassVar[str]
     kind: ClassVar[str]  # "attention" or "mlp"
+    #: How an attention layer forms its map: ``"softmax"`` (softmax of q.k, the default) or
+    #: ``"linear"`` (kernelised attention, phi(Q) (phi(K)^T V); see :meth:`focused_features`).
+    #: Strategies that treat the two differently read it (the similarity_indicator strategy
+    #: initialises the indicators of linear-attention layers from their attention difference).
+    #: Not used for MLP adapters.
+    attention_kind: ClassVar[str] = "softmax"
+
+    def focused_features(
+        self, module: nn.Module, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """phi(Q), phi(K), each ``(B, H, N, d_qk)``, of a linear-attention ``module`` called with
+        ``args`` / ``kwargs`` (exactly what its forward receives), or ``None`` when this adapter
+        cannot compute them (the default; always ``None`` for softmax attention)."""
+        return None
+
+    def call_facts(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Facts about one call of a claimed ``module`` during :func:`build_space`'s counted forward
+        that its cost needs beyond the token count (the default: none).
+
+        Called with the module's positional and keyword arguments before its forward runs; the
+        returned mapping (JSON-like values) is added to the layer's ``meta`` after :meth:`describe`,
+        before the cost formulas are first evaluated. Example: a spatial-reduction attention whose
+        key/value token count depends on the feature-map size passed to its forward.
+        """
+        return {}
+
+    def open_submodules(self, module: nn.Module) -> tuple[str, ...]:
+        """Paths (relative to the claimed ``module``) of submodules other adapters may still claim.
+
+        By default a claimed module covers all of its submodules. A layer whose channels span
+        siblings (Hugging Face BERT's feed-forward: ``intermediate.dense`` rows and
+        ``output.dense`` columns) is claimed through its parent block, which also holds the
+        attention; naming ``"attention"`` here leaves that to the attention adapter. The layer's
+        cost and parameter count then exclude the open submodules, its coupling must not reach into
+        them, and :meth:`build_pruned` must keep them (the same module objects).
+        """
+        return ()
 
     @abstractmethod
     def claims(self, module: nn.Module) -> bool:
@@ -554,6 +607,7 @@ def build_space(
     model: nn.Module,
     input_size: tuple[int, ...] | None = None,
     *,
+    example_inputs: Any = None,
     skip_unsupported: bool = False,
     adapters: list[SpaceAdapter] | None = None,
     min_width: int = 1,
@@ -561,7 +615,12 @@ def build_space(
 ) -> HeadSpace:
     """Find the prunable layers of ``model`` and describe them as a :class:`HeadSpace`.
 
-    ``input_size`` is ``(C, H, W)``; by default the model's ``pretrained_cfg["input_size"]``. One
+    ``input_size`` is ``(C, H, W)``; by default the model's ``pretrained_cfg["input_size"]``.
+    ``example_inputs`` replaces the blank image ``torch.zeros(1, *input_size)`` for models that take
+    something else (token ids and an attention mask): a tensor or a tuple of tensors (positional
+    arguments), a mapping (keyword arguments), or a callable returning one of these; batch 1.
+    ``input_size`` then defaults to the first tensor's shape without the batch dimension (the
+    sequence length for token ids); it is kept in the space as a record. One
     counted forward pass at batch 1 (:func:`~nas_headprune.evaluator.measure.trace_forward`) records
     the token count of every claimed layer, the MACs of every module, and which modules multiply two
     activations. The fixed MACs are the counted total minus the counted MACs of the claimed layers,
@@ -584,8 +643,19 @@ def build_space(
     :class:`UnsupportedLayerError` naming its class and what was refused.
     """
     from nas_headprune import registry
-    from nas_headprune.evaluator.measure import trace_forward
+    from nas_headprune.evaluator.measure import example_call, trace_forward
 
+    if example_inputs is not None:
+        ex_args, ex_kwargs = example_call(model, input_size, example_inputs)
+        leaves = [t for t in (*ex_args, *ex_kwargs.values()) if hasattr(t, "shape") and t.dim() > 0]
+        if not leaves or any(t.shape[0] != 1 for t in leaves):
+            raise ArchitectureError(
+                "example_inputs must hold tensors of batch size 1 (token counts are per example), got "
+                + (", ".join(str(tuple(t.shape)) for t in leaves) or "no tensor")
+            )
+        if input_size is None:
+            input_size = tuple(leaves[0].shape[1:])
+        example_inputs = (ex_args, ex_kwargs)
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         input_size = tuple(cfg.get("input_size", ()))
@@ -598,8 +668,9 @@ def build_space(
 
     claimed: dict[str, tuple[SpaceAdapter, nn.Module]] = {}
     refused: dict[str, str] = {}  # module path -> reason, in module order
+    opened: dict[str, list[str]] = {}  # claimed path -> full paths of its open submodules
     for name, module in modules.items():
-        if _inside(name, claimed) or _inside(name, refused):
+        if _covered(name, claimed, opened) or _inside(name, refused):
             continue
         owner = next((a for a in adapters if a.claims(module)), None)
         if owner is None:
@@ -611,23 +682,29 @@ def build_space(
             refused[name] = reason
         else:
             claimed[name] = (owner, module)
+            opened[name] = [f"{name}.{sub}" if name else sub for sub in owner.open_submodules(module)]
 
     # one counted forward: token counts of claimed layers, MACs per module, products of activations
     tokens: dict[str, int] = {}
+    facts: dict[str, dict[str, Any]] = {}
 
-    def record_tokens(name: str, c_in: int):
-        def hook(mod: nn.Module, args: tuple) -> None:
+    def record_call(name: str, adapter: SpaceAdapter, c_in: int):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             # batch 1, so every token of the image passes here once: (1, N, C), (nW, M, C), (1, H, W, C)
-            tokens[name] = args[0].numel() // c_in
+            x = args[0] if args else next(v for v in kwargs.values() if hasattr(v, "numel"))
+            tokens[name] = x.numel() // c_in
+            facts[name] = adapter.call_facts(mod, args, kwargs)
 
         return hook
 
     hooks = [
-        module.register_forward_pre_hook(record_tokens(name, adapter.input_dim(module)))
+        module.register_forward_pre_hook(
+            record_call(name, adapter, adapter.input_dim(module)), with_kwargs=True
+        )
         for name, (adapter, module) in claimed.items()
     ]
     try:
-        trace = trace_forward(model, input_size)
+        trace = trace_forward(model, input_size, example_inputs=example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -636,7 +713,11 @@ def build_space(
     # activations (named_modules order puts a parent before its children)
     for name in modules:
         ops = trace.activation_products.get(name)
-        if ops is None or _inside(name, claimed, self_too=True) or _inside(name, refused, self_too=True):
+        if (
+            ops is None
+            or _covered(name, claimed, opened, self_too=True)
+            or _inside(name, refused, self_too=True)
+        ):
             continue
         cls = type(modules[name]).__name__
         refused[name] = (
@@ -672,9 +753,14 @@ def build_space(
         if name not in tokens:
             raise UnsupportedLayerError(f"layer {name!r} was not called in a forward pass; cannot size it")
         layer = adapter.describe(name, module, tokens[name])
+        layer.meta.update(facts.get(name) or {})
         layers[name] = layer
-        prunable_params += sum(p.numel() for p in module.parameters())
-        counted = trace.module_flops.get(name, 0)
+        # open submodules are not part of the layer: their cost and parameters stay with whoever
+        # claims them (or in the fixed part)
+        open_paths = [p for p in opened.get(name, []) if p in modules]
+        open_params = {id(p) for sub in open_paths for p in modules[sub].parameters()}
+        prunable_params += sum(p.numel() for p in module.parameters() if id(p) not in open_params)
+        counted = trace.module_flops.get(name, 0) - sum(trace.module_flops.get(p, 0) for p in open_paths)
         claimed_flops += counted
         formula = layer.macs(layer.dense_widths())
         if 2 * formula != counted:
@@ -699,6 +785,26 @@ def _known_by_name(cls: str) -> bool:
     if cls.endswith(_ATTENTION_SUFFIXES):
         return True
     return any(m in cls for m in _FEED_FORWARD_MARKERS) and not cls.endswith(_HEAD_SUFFIXES)
+
+
+def _covered(
+    name: str, claimed: Mapping[str, object], opened: Mapping[str, list[str]], self_too: bool = False
+) -> bool:
+    """Whether module path ``name`` is covered by a claimed module: it lies inside one (or is one,
+    with ``self_too``) and no open submodule of that claim (see
+    :meth:`SpaceAdapter.open_submodules`) lies between them (or is ``name`` itself)."""
+    if self_too and name in claimed:
+        return True
+    open_paths = {p for paths in opened.values() for p in paths}
+    parts = name.split(".") if name else []
+    # walk from ``name`` outwards: the nearest claim or opening decides
+    for i in range(len(parts), -1, -1):
+        path = ".".join(parts[:i])
+        if i < len(parts) and path in claimed:
+            return True
+        if path in open_paths:
+            return False
+    return False
 
 
 def _inside(name: str, parents: Mapping[str, object], self_too: bool = False) -> bool:

@@ -39,6 +39,7 @@ from ._fused_qkv import new_linear
 class FocusedLinearAttentionAdapter(SpaceAdapter):
     name = "flatten_linear_attention"
     kind = "attention"
+    attention_kind = "linear"
 
     def claims(self, module: nn.Module) -> bool:
         return type(module) is FocusedLinearAttention
@@ -51,7 +52,7 @@ class FocusedLinearAttentionAdapter(SpaceAdapter):
         heads, d_qk, d_v = attn.num_heads, attn.head_dim_qk, attn.head_dim_v
         k = attn.kernel_size
         meta = {
-            "attention": "linear",
+            "attention": self.attention_kind,
             "tokens": tokens,
             "grid_tokens": attn.grid_size[0] * attn.grid_size[1],
             "num_prefix_tokens": attn.num_prefix_tokens,
@@ -118,10 +119,12 @@ class FocusedLinearAttentionAdapter(SpaceAdapter):
         ]
 
     def focused_features(
-        self, module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
+        self, module: nn.Module, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi(Q), phi(K) ``(B, H, N, d_qk)`` of ``module`` on its input ``x`` (for the
-        attention-difference initialisation of the similarity_indicator strategy)."""
+        """phi(Q), phi(K) ``(B, H, N, d_qk)`` of ``module`` on its input ``x`` (the first argument
+        of its forward; for the attention-difference initialisation of the similarity_indicator
+        strategy)."""
+        x = args[0] if args else kwargs["x"]
         phi_q, phi_k, _ = cast(FocusedLinearAttention, module).features(x)
         return phi_q, phi_k
 

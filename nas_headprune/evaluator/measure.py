@@ -20,7 +20,7 @@ the model and to find attention that no space adapter knows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,9 +54,43 @@ def _counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_custom_mapping())
 
 
-def _example(model: nn.Module, input_size: tuple[int, ...]) -> torch.Tensor:
+def example_call(
+    model: nn.Module, input_size: tuple[int, ...] | None = None, example_inputs: Any = None
+) -> tuple[tuple, dict[str, Any]]:
+    """The positional and keyword arguments of one batch-1 call of ``model``, on its device.
+
+    Without ``example_inputs``: a blank image, ``torch.zeros(1, *input_size)``. ``example_inputs``
+    is used instead when given: a tensor or a tuple/list of tensors (positional arguments), a
+    mapping (keyword arguments: ``{"input_ids": ..., "attention_mask": ...}``), an ``(args,
+    kwargs)`` pair as returned here, or a callable returning any of these. Every tensor is moved to
+    the model's device.
+    """
     p = next(model.parameters(), None)
-    return torch.zeros(1, *input_size, device=p.device if p is not None else "cpu")
+    device = p.device if p is not None else torch.device("cpu")
+    if example_inputs is None:
+        if input_size is None:
+            raise ValueError("either input_size or example_inputs is required")
+        return (torch.zeros(1, *input_size, device=device),), {}
+    ex = example_inputs() if callable(example_inputs) else example_inputs
+    args: tuple
+    kwargs: dict[str, Any]
+    if isinstance(ex, torch.Tensor):
+        args, kwargs = (ex,), {}
+    elif isinstance(ex, Mapping):
+        args, kwargs = (), dict(ex)
+    elif isinstance(ex, tuple) and len(ex) == 2 and isinstance(ex[0], tuple) and isinstance(ex[1], Mapping):
+        args, kwargs = tuple(ex[0]), dict(ex[1])
+    elif isinstance(ex, (tuple, list)):
+        args, kwargs = tuple(ex), {}
+    else:
+        raise TypeError(
+            f"example_inputs must be a tensor, a tuple of tensors, a mapping or a callable, not {type(ex).__name__}"
+        )
+
+    def move(v: Any) -> Any:
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
 @contextmanager
@@ -71,22 +105,30 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _count(model: nn.Module, input_size: tuple[int, ...]) -> FlopCounterMode:
+def _count(
+    model: nn.Module, input_size: tuple[int, ...] | None, example_inputs: Any = None
+) -> FlopCounterMode:
     """Run ``model`` once at batch 1 in eval mode under a flop counter; return the counter."""
+    args, kwargs = example_call(model, input_size, example_inputs)
     with _eval_mode(model), torch.enable_grad(), _counter() as fc:
-        model(_example(model, input_size))
+        model(*args, **kwargs)
     return fc
 
 
-def measure_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
-    """Per-image MACs of ``model`` measured by FlopCounterMode (batch 1, eval mode)."""
-    return _count(model, input_size).get_total_flops() // 2
+def measure_macs(
+    model: nn.Module, input_size: tuple[int, ...] | None = None, *, example_inputs: Any = None
+) -> int:
+    """Per-image MACs of ``model`` measured by FlopCounterMode (batch 1, eval mode), on a blank
+    image of ``input_size`` or on ``example_inputs`` (see :func:`example_call`)."""
+    return _count(model, input_size, example_inputs).get_total_flops() // 2
 
 
-def measure_macs_by_module(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
+def measure_macs_by_module(
+    model: nn.Module, input_size: tuple[int, ...] | None = None, *, example_inputs: Any = None
+) -> dict[str, int]:
     """Per-image MACs per module path (``""`` is the whole model), measured; each module's count
     includes its submodules'. Modules that count nothing are absent."""
-    trace = trace_forward(model, input_size)
+    trace = trace_forward(model, input_size, example_inputs=example_inputs)
     return {path: flops // 2 for path, flops in trace.module_flops.items()}
 
 
@@ -228,8 +270,12 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
     return (str(t.device), ptr) if ptr else None
 
 
-def trace_forward(model: nn.Module, input_size: tuple[int, ...]) -> ForwardTrace:
-    """One batch-1 forward of ``model`` in eval mode, counted per module (see :class:`ForwardTrace`).
+def trace_forward(
+    model: nn.Module, input_size: tuple[int, ...] | None = None, *, example_inputs: Any = None
+) -> ForwardTrace:
+    """One batch-1 forward of ``model`` in eval mode, counted per module (see :class:`ForwardTrace`),
+    on a blank image of ``input_size`` or on ``example_inputs`` (see :func:`example_call`; every
+    tensor in them counts as an input).
 
     Hooks already registered on ``model`` run as usual during this forward.
     """
@@ -252,10 +298,12 @@ def trace_forward(model: nn.Module, input_size: tuple[int, ...]) -> ForwardTrace
     try:
         with _eval_mode(model), torch.enable_grad(), _counter() as fc:
             tracer = _Tracer(fc, stack, trace)
-            x = _example(model, input_size)
-            tracer.mark(x)
+            args, kwargs = example_call(model, input_size, example_inputs)
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor):
+                    tracer.mark(t)
             with tracer:
-                model(x)
+                model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
