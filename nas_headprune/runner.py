@@ -307,7 +307,7 @@ def _evaluate(run: _Run, model: torch.nn.Module) -> dict[str, Any]:
     from nas_headprune import data as data_mod
     from nas_headprune.evaluator import metrics
 
-    report = metrics.evaluate(model, run.test_loader, device=run.device)
+    report: dict[str, Any] = dict(metrics.evaluate(model, run.test_loader, device=run.device))
     if run.bundle.val is not None:
         val_loader = data_mod.make_eval_loader(run.bundle.val, run.data_cfg)
         report["val"] = metrics.evaluate(model, val_loader, device=run.device)
