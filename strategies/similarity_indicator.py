@@ -536,28 +536,24 @@ def _attention_difference_init(
     """Initial qk indicators of the linear-attention layers whose adapter exposes
     ``focused_features(module, *args, **kwargs) -> (phi_q, phi_k)``, each ``(B, H, N, d)``. With a
     ``comm`` that spans several processes each one reads its share of the calibration batches."""
-    linear = [lay for lay in space.layers.values() if lay.meta.get("attention") == "linear"]
+    linear = [lay for lay in space.layers.values() if lay.adapter.attention_kind == "linear"]
     out: dict[str, Tensor] = {}
     skipped: list[str] = []
     if not linear:
         return out, skipped
     modules = dict(model.named_modules())
     feats: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+    missing: set[str] = set()
     handles = []
     for layer in linear:
-        fn = getattr(layer.adapter, "focused_features", None)
-        if fn is None:
-            log.warning(
-                "%s: adapter %s has no focused_features(); qk indicators start at 1.0",
-                layer.label,
-                layer.adapter.name,
-            )
-            skipped.append(layer.label)
-            continue
 
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, _fn=fn, _label=layer.label) -> None:
-            phi_q, phi_k = _fn(mod, *args, **kwargs)
-            feats[_label].append((phi_q.detach().cpu(), phi_k.detach().cpu()))
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, _layer: LayerSpace = layer) -> None:
+            found = _layer.adapter.focused_features(mod, *args, **kwargs)
+            if found is None:  # the adapter cannot compute phi(Q), phi(K) for this module
+                missing.add(_layer.label)
+                return
+            phi_q, phi_k = found
+            feats[_layer.label].append((phi_q.detach().cpu(), phi_k.detach().cpu()))
 
         handles.append(modules[layer.label].register_forward_pre_hook(hook, with_kwargs=True))
     calib = ctx.calib[: cfg.calib_batches_for_similarity]
@@ -572,7 +568,10 @@ def _attention_difference_init(
         for h in handles:
             h.remove()
         model.train(was_training)
-    for label in sorted(feats):  # the same order on every rank: each label is one reduction
+    for label in sorted(missing):
+        log.warning("%s: its adapter gives no focused_features(); qk indicators start at 1.0", label)
+        skipped.append(label)
+    for label in sorted(set(feats) - missing):  # the same order on every rank: one reduction each
         pairs = feats[label]
         phi_q = torch.cat([p[0] for p in pairs])  # (B, H, N, d)
         phi_k = torch.cat([p[1] for p in pairs])  # (B, H, N, d)

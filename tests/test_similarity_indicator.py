@@ -595,6 +595,7 @@ class ToyLinearAdapter(FusedQkvAdapter):
     """A linear-attention adapter for the toy layer: fused-qkv masks, the linear-attention cost."""
 
     name = "toy_linear_attention"
+    attention_kind = "linear"
 
     def claims(self, module: nn.Module) -> bool:
         return type(module) is ToyLinearAttention
