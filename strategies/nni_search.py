@@ -42,6 +42,7 @@ from nas_headprune.strategy import (
     SearchResult,
     Strategy,
     StrategyConfig,
+    resolve_width_step,
 )
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,12 @@ class NniSearchConfig(StrategyConfig):
         "budget",
         description="sampling weights of the widths: centred on the MACs budget, or uniform",
     )
-    width_step: int = Field(1, ge=1, description="per-head widths are multiples of this (8 suits GPUs)")
+    width_step: int | None = Field(
+        None,
+        ge=1,
+        description="per-head widths are multiples of this; default (null): 8 on CUDA, where tensor "
+        "cores want multiples of 8, and 1 elsewhere",
+    )
     min_width: int = Field(1, ge=1, description="smallest per-head width / MLP width searched")
 
 
@@ -145,7 +151,7 @@ class _NniSearch(Strategy):
         from nni.nas.space import RawFormatModelSpace
 
         fit, held = _split_calibration(self.name, ctx, cfg)
-        space = ctx.space.with_step(cfg.width_step, cfg.min_width)
+        space = ctx.space.with_step(resolve_width_step(cfg.width_step, ctx.device), cfg.min_width)
         exported = to_nni(space, ctx.target_macs, prior=cfg.prior)
         rejected: set[tuple] = set()
         budget_constraint(exported).observer = lambda sample, macs: rejected.add(

@@ -73,7 +73,13 @@ from nas_headprune.space import (
     SpaceAdapter,
     split_label,
 )
-from nas_headprune.strategy import SearchContext, SearchResult, Strategy, StrategyConfig
+from nas_headprune.strategy import (
+    SearchContext,
+    SearchResult,
+    Strategy,
+    StrategyConfig,
+    resolve_width_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +184,12 @@ class SimilarityIndicatorConfig(StrategyConfig):
         True, description="3.7 train the weights jointly (on a copy; the input model is never changed)"
     )
     distill: bool = Field(False, description="3.6 add KL(teacher || student) from the frozen dense model")
-    width_step: int = Field(1, ge=1, description="3.3 per-head widths are multiples of this (8 suits GPUs)")
+    width_step: int | None = Field(
+        None,
+        ge=1,
+        description="3.3 per-head widths are multiples of this; default (null): 8 on CUDA, where tensor "
+        "cores want multiples of 8, and 1 elsewhere",
+    )
     min_width: int = Field(1, ge=1, description="3.3 smallest per-head width / MLP width kept")
     calib_batches_for_similarity: int = Field(
         4, ge=1, description="3.2/3.5 calibration batches used for the similarity weights and the init"
@@ -1134,7 +1145,7 @@ class SimilarityIndicator(Strategy):
         """Search on a copy of ``ctx.model``; resumes from ``ctx.work_dir`` when it holds this search."""
         cfg = self.config
         assert isinstance(cfg, SimilarityIndicatorConfig)
-        space = ctx.space.with_step(cfg.width_step, cfg.min_width)
+        space = ctx.space.with_step(resolve_width_step(cfg.width_step, ctx.device), cfg.min_width)
         check_reachable(space, ctx.target_macs)
         dev = torch.device(ctx.device)
         forked = (

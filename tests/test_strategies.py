@@ -128,3 +128,16 @@ def test_runner_rejects_bad_plugins() -> None:
         validate_result("greedy", ctx, _OverBudget().search(ctx))
     with pytest.raises(AssertionError, match="above the budget"):
         run_conformance(_OverBudget, models=("vit",))
+
+
+def test_width_step_defaults_to_8_on_cuda_and_1_elsewhere() -> None:
+    from nas_headprune.strategy import resolve_width_step
+
+    assert resolve_width_step(None, "cuda") == resolve_width_step(None, "cuda:1") == 8
+    assert resolve_width_step(None, "cpu") == 1
+    assert resolve_width_step(4, "cuda") == 4 and resolve_width_step(3, "cpu") == 3
+    ctx = tiny_context()
+    for name in ("magnitude", "taylor"):
+        selection = make_strategy(name, {}).search(ctx).selection
+        widths = {k: v.shape[-1] for k, v in selection.items()}
+        assert any(w % 8 for w in widths.values())  # width step 1 on the CPU: any width may come out
