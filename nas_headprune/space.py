@@ -22,7 +22,7 @@ import logging
 import random
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -39,6 +39,8 @@ ATTENTION_KINDS = ("qk", "v")
 #: suffix of a MaskSet entry holding per-channel factors on the queries only (reweight scales)
 QUERY_SCALE = "@q"
 MLP_KINDS = ("hidden",)
+#: receives activations from the hooks of :meth:`SpaceAdapter.watch_channels`: ``sink(kind, z)``
+ChannelSink = Callable[[str, "torch.Tensor"], None]
 
 
 def dim_label(layer: str, kind: str) -> str:
@@ -220,6 +222,8 @@ class SpaceAdapter(ABC):
     * :attr:`attention_kind`: ``"softmax"`` or ``"linear"`` (how the attention map is formed);
     * :meth:`focused_features`: the feature maps phi(Q), phi(K) of linear attention (``None``
       when the adapter cannot give them);
+    * :meth:`watch_channels`: hooks that hand over the activations of every channel at each
+      forward (``None`` when the adapter cannot);
     * :meth:`call_facts`: shape facts of the module's call that the token count does not give
       (a feature-map size passed as an argument), added to the layer's ``meta``;
     * :meth:`open_submodules`: submodules of a claimed module that other adapters may still claim
@@ -246,6 +250,29 @@ class SpaceAdapter(ABC):
         """phi(Q), phi(K), each ``(B, H, N, d_qk)``, of a linear-attention ``module`` called with
         ``args`` / ``kwargs`` (exactly what its forward receives), or ``None`` when this adapter
         cannot compute them (the default; always ``None`` for softmax attention)."""
+        return None
+
+    def watch_channels(
+        self, module: nn.Module, layer: LayerSpace, sink: ChannelSink
+    ) -> list[torch.utils.hooks.RemovableHandle] | None:
+        """Install hooks on ``module`` (the claimed layer ``layer``) that call ``sink(kind, z)`` with
+        the activations of the channels of dimension ``kind`` at every forward; the caller removes
+        the returned handles. ``None`` (the default) says this adapter cannot.
+
+        ``z`` holds the channels on its last axes and tokens on all the others (images, tokens,
+        windows): ``(..., H, d)`` for an attention dimension (``"qk"``: the queries and the keys,
+        one call each, as the projections give them, biases included; ``"v"``: the values) and
+        ``(..., m)`` for an MLP's ``"hidden"`` units (what the second projection receives, after
+        the activation or gate). A dimension of width 1 needs nothing: its channel has no
+        neighbour to be similar to.
+
+        Read the activations where the module's forward produces them (a hook on a projection it
+        calls), or recompute them from the module's input where the forward bypasses the
+        submodule (``F.linear(x, self.qkv.weight, bias)``): a hook on a submodule that is never
+        called hands over nothing. The similarity_indicator strategy builds its channel-similarity
+        weights (METHOD.md 3.2) from these activations; a dimension that gets none keeps weight 1,
+        with a warning, and is listed in the strategy's result.
+        """
         return None
 
     def call_facts(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -586,8 +613,8 @@ class MaskHandle:
 # Class names of modules that must not pass silently when no adapter claims them: attention by
 # name (suffix), feed-forward layers by a marker anywhere in the name (SwiGLU, GluMlp,
 # ConvMlpWithNorm, MlpWithDepthwiseConv, BertIntermediate, PositionwiseFeedForward, ...), except
-# classifier heads (NormMlpClassifierHead). Attention under any other name is found by its
-# products of two activations (see build_space).
+# classifier heads (NormMlpClassifierHead) and position-bias generators (RelPosMlp). Attention under
+# any other name is found by its products of two activations (see build_space).
 _ATTENTION_SUFFIXES = ("Attention",)
 _FEED_FORWARD_MARKERS = (
     "Mlp",
@@ -601,6 +628,10 @@ _FEED_FORWARD_MARKERS = (
     "Intermediate",
 )
 _HEAD_SUFFIXES = ("Head", "Classifier")
+# Position-bias generators: small MLPs from relative coordinates to one attention-bias value per
+# head (timm's ``RelPosMlp``). They run on coordinates, not on the input's features, so they are no
+# feed-forward layer: kept whole with their submodules, their cost fixed (see build_space).
+_POSITION_BIAS_MARKERS = ("PosMlp", "PosMLP")
 
 
 def build_space(
@@ -633,14 +664,17 @@ def build_space(
     * a module an adapter claims but cannot prune exactly;
     * a module no adapter claims whose class name says attention (``...Attention``) or feed-forward
       (contains ``Mlp``, ``MLP``, ``Glu``, ``GLU``, ``FeedForward``, ``FFN``, ``Ffn`` or
-      ``Intermediate``; classifier heads excepted);
+      ``Intermediate``; classifier heads and position-bias generators excepted);
     * a module no adapter claims whose own forward multiplies two activations (tensors computed
       from the input: ``q @ k^T``, ``attn @ v``, fused attention kernels), that is attention of a
       kind no adapter knows.
 
     Modules inside a claimed or refused module are not listed separately; a claimed layer inside a
-    refused module is left dense with it. A model left with no prunable layer raises
-    :class:`UnsupportedLayerError` naming its class and what was refused.
+    refused module is left dense with it. A position-bias generator no adapter claims (class name
+    containing ``PosMlp`` or ``PosMLP``, such as timm's ``RelPosMlp``, which ``vit_srelpos_*`` models
+    hold at the top level) is kept whole with its submodules and charged in the fixed MACs, like the
+    bias tables of the attention layers; it is not listed in ``space.skipped``. A model left with no
+    prunable layer raises :class:`UnsupportedLayerError` naming its class and what was refused.
     """
     from nas_headprune import registry
     from nas_headprune.evaluator.measure import example_call, trace_forward
@@ -669,13 +703,18 @@ def build_space(
     claimed: dict[str, tuple[SpaceAdapter, nn.Module]] = {}
     refused: dict[str, str] = {}  # module path -> reason, in module order
     opened: dict[str, list[str]] = {}  # claimed path -> full paths of its open submodules
+    whole: dict[str, str] = {}  # position-bias generators (path -> class): kept whole, fixed cost
     for name, module in modules.items():
-        if _covered(name, claimed, opened) or _inside(name, refused):
+        if _covered(name, claimed, opened) or _inside(name, refused) or _inside(name, whole):
             continue
         owner = next((a for a in adapters if a.claims(module)), None)
         if owner is None:
-            if name and _known_by_name(type(module).__name__):
-                refused[name] = f"no space adapter knows {type(module).__name__}"
+            cls = type(module).__name__
+            if name and _position_bias_generator(cls):
+                whole[name] = cls
+                log.info("keeping %s (%s) whole: a position-bias generator, fixed cost", name, cls)
+            elif name and _known_by_name(cls):
+                refused[name] = f"no space adapter knows {cls}"
             continue
         reason = owner.check(module)
         if reason is not None:
@@ -778,6 +817,11 @@ def build_space(
     if step != 1 or min_width != 1:
         space = space.with_step(step, min_width)
     return space
+
+
+def _position_bias_generator(cls: str) -> bool:
+    """Whether an unclaimed module's class name says position-bias generator (see build_space)."""
+    return any(m in cls for m in _POSITION_BIAS_MARKERS)
 
 
 def _known_by_name(cls: str) -> bool:

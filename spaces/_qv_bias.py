@@ -7,7 +7,9 @@ zero buffer). The forward computes ``qkv`` with ``F.linear(x, qkv.weight, cat(q_
 v_bias))``, so the ``qkv`` submodule itself is never called when the biases exist and a forward hook
 on it cannot mask the queries and keys. The adapters therefore mask q/k channels through a masked
 forward installed on the module while masks are active (:func:`install_masked_forward`); value
-channels are masked at the input of ``proj``, as for timm ``Attention``.
+channels are masked at the input of ``proj``, as for timm ``Attention``. For the same reason the
+channel activations the adapters hand over (``watch_channels``) are recomputed from the module's
+input, biases included.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.hooks import RemovableHandle
 
-from nas_headprune.space import QUERY_SCALE, LayerSpace, MaskSet, Slot
+from nas_headprune.space import QUERY_SCALE, ChannelSink, LayerSpace, MaskSet, Slot
 
 from ._fused_qkv import FusedQkvAdapter
 
@@ -144,6 +147,24 @@ class QvBiasQkvAdapter(FusedQkvAdapter):
             qk.append(Slot("q_bias", 0, 0, d_qk))
             v.append(Slot("v_bias", 0, 0, d_v))
         return {"qk": qk, "v": v}
+
+    def watch_channels(
+        self, module: nn.Module, layer: LayerSpace, sink: ChannelSink
+    ) -> list[torch.utils.hooks.RemovableHandle] | None:
+        """q, k and v with their biases, recomputed from the module's input as the forward computes
+        them (:func:`qv_bias_qkv`): with biases the forward calls ``F.linear`` on ``qkv.weight`` and
+        never the ``qkv`` submodule, so a hook on it would see nothing."""
+        heads = layer.dims["qk"].heads
+        d_qk, d_v = layer.dims["qk"].max_width, layer.dims["v"].max_width
+
+        def read(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs["x"]
+            q, k, v = qv_bias_qkv(mod, x).split([heads * d_qk, heads * d_qk, heads * d_v], dim=-1)
+            sink("qk", rearrange(q, "... (h d) -> ... h d", h=heads))  # (..., H, d_qk)
+            sink("qk", rearrange(k, "... (h d) -> ... h d", h=heads))  # (..., H, d_qk)
+            sink("v", rearrange(v, "... (h d) -> ... h d", h=heads))  # (..., H, d_v)
+
+        return [module.register_forward_pre_hook(read, with_kwargs=True)]
 
     def install_masks(
         self, module: nn.Module, layer: LayerSpace, masks: MaskSet

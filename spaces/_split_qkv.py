@@ -24,7 +24,16 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from nas_headprune.space import QUERY_SCALE, DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
+from nas_headprune.space import (
+    QUERY_SCALE,
+    ChannelSink,
+    DimSpec,
+    LayerSpace,
+    MaskSet,
+    Slot,
+    SpaceAdapter,
+    dim_label,
+)
 
 
 def _linear(module: nn.Module, path: str) -> nn.Linear:
@@ -113,6 +122,31 @@ class SplitQkvAdapter(SpaceAdapter):
         if m["v_bias"]:
             v.append(Slot(f"{self.v_name}.bias", 0, v0, d_v))
         return {"qk": qk, "v": v}
+
+    # ----------------------------------------------------------------------------- activations
+    def watch_channels(
+        self, module: nn.Module, layer: LayerSpace, sink: ChannelSink
+    ) -> list[torch.utils.hooks.RemovableHandle] | None:
+        """Queries, keys and values as their Linears give them (hooks on their outputs)."""
+        heads = layer.dims["qk"].heads
+        d_qk, d_v = layer.dims["qk"].max_width, layer.dims["v"].max_width
+
+        def read(*kinds: str):
+            widths = [d_qk if kind == "qk" else d_v for kind in kinds]
+
+            def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+                for kind, part in zip(kinds, out.split([heads * w for w in widths], dim=-1), strict=True):
+                    sink(kind, rearrange(part, "... (h d) -> ... h d", h=heads))  # (..., H, d)
+
+            return hook
+
+        handles = [_linear(module, self.q_name).register_forward_hook(read("qk"))]
+        if self.shared_kv:  # one Linear: key rows, then value rows
+            handles.append(_linear(module, self.k_name).register_forward_hook(read("qk", "v")))
+        else:
+            handles.append(_linear(module, self.k_name).register_forward_hook(read("qk")))
+            handles.append(_linear(module, self.v_name).register_forward_hook(read("v")))
+        return handles
 
     # ----------------------------------------------------------------------------------- masks
     def install_masks(

@@ -25,6 +25,7 @@ from nas_headprune.evaluator.cost import linear_attention_macs
 from nas_headprune.models.flatten import FocusedLinearAttention
 from nas_headprune.space import (
     QUERY_SCALE,
+    ChannelSink,
     DimSpec,
     LayerSpace,
     MaskSet,
@@ -117,6 +118,22 @@ class FocusedLinearAttentionAdapter(SpaceAdapter):
             attn.register_forward_pre_hook(set_masks),
             attn.qkv.register_forward_hook(scale_queries),
         ]
+
+    def watch_channels(
+        self, module: nn.Module, layer: LayerSpace, sink: ChannelSink
+    ) -> list[torch.utils.hooks.RemovableHandle] | None:
+        """q, k and v as the ``qkv`` Linear gives them (before the ReLU, the scale and the focusing
+        function): a hook on its output."""
+        heads = layer.dims["qk"].heads
+        d_qk, d_v = layer.dims["qk"].max_width, layer.dims["v"].max_width
+
+        def read(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            q, k, v = out.split([heads * d_qk, heads * d_qk, heads * d_v], dim=-1)
+            sink("qk", rearrange(q, "... (h d) -> ... h d", h=heads))  # (..., H, d_qk)
+            sink("qk", rearrange(k, "... (h d) -> ... h d", h=heads))  # (..., H, d_qk)
+            sink("v", rearrange(v, "... (h d) -> ... h d", h=heads))  # (..., H, d_v)
+
+        return [cast(FocusedLinearAttention, module).qkv.register_forward_hook(read)]
 
     def focused_features(
         self, module: nn.Module, *args: Any, **kwargs: Any

@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from nas_headprune.evaluator.cost import mlp_macs
-from nas_headprune.space import DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
+from nas_headprune.space import ChannelSink, DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
 
 from ._fused_qkv import attend, new_linear
 from ._split_qkv import SplitQkvAdapter, split_heads
@@ -223,6 +223,16 @@ class BertFeedForwardAdapter(SpaceAdapter):
 
         # on the second dense's input: after the activation, so it is exact for any activation
         return [module.get_submodule("output.dense").register_forward_pre_hook(mask_hidden)]
+
+    def watch_channels(
+        self, module: nn.Module, layer: LayerSpace, sink: ChannelSink
+    ) -> list[torch.utils.hooks.RemovableHandle] | None:
+        """The hidden units as ``output.dense`` receives them (after the activation)."""
+
+        def read(mod: nn.Module, args: tuple) -> None:
+            sink("hidden", args[0])  # (B, N, m)
+
+        return [module.get_submodule("output.dense").register_forward_pre_hook(read)]
 
     def build_pruned(
         self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]

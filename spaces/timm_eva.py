@@ -46,7 +46,16 @@ from timm.models.eva import EvaAttention
 from torch import nn
 
 from nas_headprune.errors import ArchitectureError
-from nas_headprune.space import QUERY_SCALE, DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
+from nas_headprune.space import (
+    QUERY_SCALE,
+    ChannelSink,
+    DimSpec,
+    LayerSpace,
+    MaskSet,
+    Slot,
+    SpaceAdapter,
+    dim_label,
+)
 
 from ._fused_qkv import attend, new_linear
 from ._qv_bias import qv_bias_qkv
@@ -255,6 +264,29 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
             if m["gate_bias"]:
                 v.append(Slot("gate.bias", 0, 0, d_v))
         return {"qk": qk, "v": v}
+
+    # ------------------------------------------------------------------ activations
+    def watch_channels(
+        self, module: nn.Module, layer: LayerSpace, sink: ChannelSink
+    ) -> list[torch.utils.hooks.RemovableHandle] | None:
+        """The values as the projection gives them, bias included: from ``v_proj``'s output, or
+        recomputed from the module's input for a fused ``qkv`` (with q/v biases the forward calls
+        ``F.linear`` on ``qkv.weight`` and never the ``qkv`` submodule). The ``:qk`` dimension has
+        width 1 (one unit per head) and needs none."""
+        heads, d, d_v = layer.dims["v"].heads, layer.meta["head_dim"], layer.dims["v"].max_width
+        if not layer.meta["qkv_fused"]:
+
+            def read_v(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+                sink("v", rearrange(out, "... (h d) -> ... h d", h=heads))  # (..., H, d_v)
+
+            return [cast(nn.Linear, module.v_proj).register_forward_hook(read_v)]
+
+        def read_qkv(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs["x"]
+            v = qv_bias_qkv(mod, x)[..., 2 * heads * d :]  # (..., H*d_v)
+            sink("v", rearrange(v, "... (h d) -> ... h d", h=heads, d=d_v))  # (..., H, d_v)
+
+        return [module.register_forward_pre_hook(read_qkv, with_kwargs=True)]
 
     # ------------------------------------------------------------------------ masks
     def install_masks(

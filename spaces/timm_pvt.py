@@ -28,7 +28,7 @@ from timm.models.pvt_v2 import Attention as PvtAttention
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 from torch import nn
 
-from nas_headprune.space import DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
+from nas_headprune.space import ChannelSink, DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
 
 from ._fused_qkv import attend, new_linear
 from ._split_qkv import SplitQkvAdapter, split_heads
@@ -239,6 +239,16 @@ class PvtMlpAdapter(SpaceAdapter):
 
         # on fc2's input: after the conv and the activation, so it is exact for any activation
         return [cast(nn.Linear, module.fc2).register_forward_pre_hook(mask_hidden)]
+
+    def watch_channels(
+        self, module: nn.Module, layer: LayerSpace, sink: ChannelSink
+    ) -> list[torch.utils.hooks.RemovableHandle] | None:
+        """The hidden units as ``fc2`` receives them (after the depthwise conv and the activation)."""
+
+        def read(mod: nn.Module, args: tuple) -> None:
+            sink("hidden", args[0])  # (B, N, m)
+
+        return [cast(nn.Linear, module.fc2).register_forward_pre_hook(read)]
 
     def build_pruned(
         self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]

@@ -66,6 +66,7 @@ from nas_headprune.evaluator.cost import analytic_cost
 from nas_headprune.evaluator.metrics import amp_dtype
 from nas_headprune.space import (
     QUERY_SCALE,
+    ChannelSink,
     DimSpec,
     HeadSpace,
     LayerSpace,
@@ -108,6 +109,9 @@ _STATE_KEYS = frozenset(
         "init_skipped",
     }
 )
+#: also written by :meth:`SimilarityIndicator._save`; optional on reading, because checkpoints
+#: written before it existed lack it (it is then unknown which dimensions got no similarity weights)
+_SIMILARITY_SKIPPED = "similarity_skipped"
 
 
 class SimilarityIndicatorConfig(StrategyConfig):
@@ -326,45 +330,132 @@ def weights_from_gram(gram: Tensor, reading: Literal["redundancy", "alignment"])
     return w.float()
 
 
-@dataclass(frozen=True)
-class _FeatureTap:
-    """Where the activations of one dimension's channels are read: an output (``axis=0`` slot of a
-    Linear weight) or an input (``axis=1`` slot) of the submodule ``module``, at ``positions``."""
-
-    label: str
-    module: str
-    on_input: bool
-    positions: Tensor  # (H, d) long
-
-
-def _feature_taps(space: HeadSpace) -> tuple[list[_FeatureTap], list[str]]:
-    """qk / v channels are read at the rows of their projection (the q, k and v activations), MLP
-    hidden units at the input columns of their consumer (after the activation: the fc2 input)."""
-    graph = space.coupling_graph()
-    taps: list[_FeatureTap] = []
-    missing: list[str] = []
-    for label, d in space.dims.items():
-        layer = space.layer_of(label)
-        want_axis = 1 if layer.kind == "mlp" else 0
-        found = False
-        for node in graph.successors(label):
-            slot = graph.nodes[node]
-            if slot["axis"] != want_axis or not slot["local"].endswith(".weight"):
-                continue
-            sub = slot["local"][: -len(".weight")]
-            pos = (
-                slot["offset"]
-                + torch.arange(d.heads).unsqueeze(1) * slot["head_stride"]
-                + torch.arange(d.max_width)
-            )
-            taps.append(_FeatureTap(label, f"{layer.label}.{sub}", want_axis == 1, pos))  # pos: (H, d)
-            found = True
-        if not found:
-            missing.append(label)
-    return taps, missing
+def _gram_shape(space: HeadSpace, label: str) -> tuple[int, int]:
+    """``(H, d)`` of an attention dimension, ``(1, m)`` of an MLP's: the leading shape of its Gram
+    matrices."""
+    d = space.dims[label]
+    return (1, d.max_width) if space.layer_of(label).kind == "mlp" else (d.heads, d.max_width)
 
 
 @torch.no_grad()
+def channel_grams(
+    model: nn.Module,
+    space: HeadSpace,
+    batches: Sequence[Any],
+    device: str | torch.device = "cpu",
+    *,
+    reduce: Reducer | None = None,
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Gram matrices of every dimension's channel activations over all tokens of ``batches``, and
+    the labels of the dimensions that got no activations.
+
+    Each layer's adapter hands the activations over through hooks
+    (:meth:`~nas_headprune.space.SpaceAdapter.watch_channels`): the queries and the keys for
+    ``:qk`` (their Gram matrices add up, as if the two were concatenated over tokens), the values
+    for ``:v``, the hidden units for ``:hidden``. A Gram matrix is ``(H, d, d)``, ``(1, m, m)`` for
+    an MLP, float64, on the CPU. Dimensions of width 1 are in neither result: their weight is 1 by
+    definition. A dimension whose adapter cannot watch its layer, or whose hooks handed nothing
+    over, is logged as a warning and listed. ``model`` is run in eval mode and left as it was.
+    Under ``torchrun`` each process passes its share of the batches and a ``reduce`` that sums the
+    matrices and the token counts over the processes, so every one gets those of all the batches.
+    """
+    modules = dict(model.named_modules())
+    wanted = [label for label, d in space.dims.items() if d.max_width > 1]
+    grams: dict[str, Tensor] = {}
+    tokens = dict.fromkeys(wanted, 0)
+
+    def sink_for(layer: LayerSpace) -> ChannelSink:
+        def sink(kind: str, z: Tensor) -> None:
+            d = layer.dims.get(kind)
+            if d is None:
+                raise ArchitectureError(
+                    f"{layer.label}: the {layer.adapter.name} adapter handed over activations of "
+                    f"{kind!r}; the layer's dimensions are {', '.join(layer.dims)}"
+                )
+            if d.label not in tokens:  # width 1
+                return
+            heads, width = _gram_shape(space, d.label)
+            channels = (width,) if layer.kind == "mlp" else (heads, width)
+            if tuple(z.shape[-len(channels) :]) != channels:
+                raise ArchitectureError(
+                    f"{d.label}: the {layer.adapter.name} adapter handed over activations of shape "
+                    f"{tuple(z.shape)}, expected (..., {', '.join(map(str, channels))})"
+                )
+            flat = z.reshape(-1, heads, width).contiguous()  # (T, H, d): every token of every image
+            g = channel_gram(rearrange(flat, "t h d -> h d t")).cpu()  # (H, d, d)
+            grams[d.label] = grams[d.label] + g if d.label in grams else g
+            tokens[d.label] += flat.shape[0]
+
+        return sink
+
+    cannot: dict[str, list[str]] = {}  # layer -> its dimensions, when its adapter cannot watch it
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for name, layer in space.layers.items():
+            labels = [d.label for d in layer.dims.values() if d.label in tokens]
+            if not labels:
+                continue
+            if name not in modules:
+                raise ArchitectureError(f"model has no module {name!r}: was the space built from it?")
+            found = layer.adapter.watch_channels(modules[name], layer, sink_for(layer))
+            if found is None:
+                cannot[name] = labels
+            else:
+                handles.extend(found)
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in batches:
+                model(_inputs(batch).to(device))
+        finally:
+            model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    if reduce is not None:  # every process sums the same tensors in the same order, even with no batch
+        for label in wanted:
+            heads, width = _gram_shape(space, label)
+            grams.setdefault(label, torch.zeros(heads, width, width, dtype=torch.float64))
+        counts = torch.tensor([float(tokens[label]) for label in wanted], dtype=torch.float64)
+        reduce.sum_([*(grams[label] for label in wanted), counts])
+        tokens = {label: int(n) for label, n in zip(wanted, counts.tolist(), strict=True)}
+    unseen = [label for label in wanted if tokens[label] == 0]
+    for name, labels in cannot.items():
+        log.warning(
+            "%s: the %s adapter cannot hand over channel activations (watch_channels); similarity "
+            "weight 1 for %s",
+            name,
+            space.layers[name].adapter.name,
+            ", ".join(labels),
+        )
+    idle = [label for label in unseen if split_label(label)[0] not in cannot]
+    if idle:
+        log.warning(
+            "no channel activations reached the similarity weights of %s in %d calibration batches "
+            "(the adapter's hooks never ran); similarity weight 1",
+            ", ".join(idle),
+            len(batches),
+        )
+    for label in unseen:
+        grams.pop(label, None)
+    return grams, unseen
+
+
+def weights_from_grams(
+    space: HeadSpace, grams: Mapping[str, Tensor], reading: Literal["redundancy", "alignment"]
+) -> dict[str, Tensor]:
+    """:func:`weights_from_gram` of every dimension that has Gram matrices, 1 for the others:
+    ``(H, d)`` per attention dimension, ``(m,)`` per MLP."""
+    out: dict[str, Tensor] = {}
+    for label, d in space.dims.items():
+        if label in grams:
+            w = weights_from_gram(grams[label], reading)
+        else:
+            w = torch.ones(d.heads, d.max_width)
+        out[label] = w[0] if space.layer_of(label).kind == "mlp" else w
+    return out
+
+
 def similarity_weights(
     model: nn.Module,
     space: HeadSpace,
@@ -376,70 +467,12 @@ def similarity_weights(
 ) -> dict[str, Tensor]:
     """Channel-similarity weights per dimension label: ``(H, d)`` for attention, ``(m,)`` for MLPs.
 
-    Hooks gather every channel's activations over all tokens of ``batches`` (q and k activations
-    together for ``:qk``); the Gram matrices are accumulated in float64 and turned into weights by
-    :func:`weights_from_gram`. ``model`` is run in eval mode and left as it was. Under ``torchrun``
-    each process passes its share of the batches and a ``reduce`` that sums the Gram matrices over
-    the processes, so every one gets the weights of all the batches.
+    The Gram matrices of :func:`channel_grams` turned into weights by :func:`weights_from_gram`;
+    weight 1 for a dimension of width 1 and for one that got no activations (logged as a warning
+    by :func:`channel_grams`, which also lists them). ``reduce``: see :func:`channel_grams`.
     """
-    taps, missing = _feature_taps(space)
-    for label in missing:
-        log.warning("%s: no projection slot to read activations from; similarity weight 1", label)
-    grams: dict[str, Tensor] = {}
-    by_module: dict[str, list[_FeatureTap]] = defaultdict(list)
-    for tap in taps:
-        by_module[tap.module].append(tap)
-    modules = dict(model.named_modules())
-
-    def make_hook(module_taps: list[_FeatureTap], on_input: bool):
-        def hook(mod: nn.Module, args: tuple, out: Any = None) -> None:
-            act = args[0] if on_input else out
-            flat = act.reshape(-1, act.shape[-1])  # (T, F): every token of every image / window
-            for tap in module_taps:
-                z = rearrange(flat[:, tap.positions.to(flat.device)], "t h d -> h d t")  # (H, d, T)
-                g = channel_gram(z).cpu()
-                grams[tap.label] = grams[tap.label] + g if tap.label in grams else g
-
-        return hook
-
-    handles = []
-    for name, module_taps in by_module.items():
-        if not isinstance(modules.get(name), nn.Linear):  # channels on the last axis only
-            for tap in module_taps:
-                log.debug("%s: %s is not a Linear; not read for similarity", tap.label, name)
-            continue
-        for on_input in (False, True):
-            group = [t for t in module_taps if t.on_input == on_input]
-            if not group:
-                continue
-            if reduce is not None:  # every process sums the same matrices, even one without batches
-                for tap in group:
-                    heads, width = tap.positions.shape
-                    grams.setdefault(tap.label, torch.zeros(heads, width, width, dtype=torch.float64))
-            hook = make_hook(group, on_input)
-            if on_input:
-                handles.append(modules[name].register_forward_pre_hook(hook))
-            else:
-                handles.append(modules[name].register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(_inputs(batch).to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if reduce is not None:
-        reduce.sum_([grams[label] for label in sorted(grams)])
-    out: dict[str, Tensor] = {}
-    for label, d in space.dims.items():
-        if label in grams:
-            w = weights_from_gram(grams[label], reading)
-        else:
-            w = torch.ones(d.heads, d.max_width)
-        out[label] = w[0] if space.layer_of(label).kind == "mlp" else w
-    return out
+    grams, _ = channel_grams(model, space, batches, device, reduce=reduce)
+    return weights_from_grams(space, grams, reading)
 
 
 # ================================================== 3.5 attention-difference initialisation
@@ -1024,6 +1057,9 @@ def _state_problem(state: Mapping[str, Any], space: HeadSpace) -> str | None:
         value = state[key]
         if not isinstance(value, kind) or isinstance(value, bool):
             return f"{key!r} has type {type(value).__name__}, expected {kind.__name__}"
+    skipped = state.get(_SIMILARITY_SKIPPED)
+    if skipped is not None and not isinstance(skipped, list):
+        return f"{_SIMILARITY_SKIPPED!r} has type {type(skipped).__name__}, expected list"
     for entry in ("indicators", "similarity"):
         for label in space.dims:
             value = state[entry].get(label)
@@ -1102,6 +1138,8 @@ class _Run:
     unfoldable: list[str]
     init_layers: list[str]
     init_skipped: list[str]
+    #: dimensions that got no similarity weights (weight 1); None: unknown (an older checkpoint)
+    similarity_skipped: list[str] | None
     comm: _DataParallel
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
@@ -1233,16 +1271,27 @@ class SimilarityIndicator(Strategy):
         # similarity weights (3.2) and initial indicators (3.1, 3.5): computed once, then checkpointed
         init_layers: list[str] = []
         init_skipped: list[str] = []
+        similarity_skipped: list[str] | None = []
         if saved is not None:
             similarity = saved["similarity"]
             start = saved["indicators"]
             init_layers, init_skipped = list(saved["init_layers"]), list(saved["init_skipped"])
+            similarity_skipped = saved.get(_SIMILARITY_SKIPPED)
+            if similarity_skipped is None:
+                log.warning(
+                    "%s predates the record of the dimensions that got no similarity weights; their "
+                    "weights are taken as saved (delete the file to compute them again)",
+                    ckpt_path,
+                )
+            else:
+                similarity_skipped = list(similarity_skipped)
         else:
             if cfg.similarity == "none":
                 similarity = {label: torch.ones(_shape(space, label)) for label in space.dims}
             else:  # under torchrun: each rank reads its share, the Gram matrices are summed
                 calib, reduce = _share(ctx, ctx.calib[: cfg.calib_batches_for_similarity], comm)
-                similarity = similarity_weights(model, space, calib, cfg.similarity, device, reduce=reduce)
+                grams, similarity_skipped = channel_grams(model, space, calib, device, reduce=reduce)
+                similarity = weights_from_grams(space, grams, cfg.similarity)
             start = {label: torch.ones(_shape(space, label)) for label in space.dims}
             if cfg.init_other != "uniform":
                 start.update(_taylor_init(space, ctx, cfg))
@@ -1302,6 +1351,7 @@ class SimilarityIndicator(Strategy):
             unfoldable=unfoldable,
             init_layers=init_layers,
             init_skipped=init_skipped,
+            similarity_skipped=similarity_skipped,
             comm=comm,
             amp_dtype=dtype,
             # fp16 (a GPU without bf16) needs loss scaling; bf16 and the CPU do not
@@ -1378,6 +1428,7 @@ class SimilarityIndicator(Strategy):
             "history": run.history.state(),
             "init_layers": run.init_layers,
             "init_skipped": run.init_skipped,
+            _SIMILARITY_SKIPPED: run.similarity_skipped,
         }
         if run.scaler is not None:
             state["scaler"] = run.scaler.state_dict()
@@ -1539,6 +1590,7 @@ class SimilarityIndicator(Strategy):
             scales_left_out=run.unfoldable if cfg.reweight else [],
             init_layers=run.init_layers,
             init_skipped=run.init_skipped,
+            similarity_skipped=run.similarity_skipped,
             trained_weights=bool(cfg.train_weights),
         )
         return SearchResult(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -289,15 +290,19 @@ def test_inexact_variants_are_refused_with_a_reason(key: str, kwargs: dict, cls:
         build_space(model, size)
 
 
-def test_shared_relpos_mlp_is_left_dense_by_name() -> None:
+def test_shared_relpos_mlp_is_kept_whole_as_a_position_bias_generator() -> None:
     """``vit_srelpos``: the blocks' attention is claimed; the model-level ``RelPosMlp`` that computes
-    the shared bias is refused by the feed-forward name rule and, when skipped, counted whole."""
+    the shared bias is a position-bias generator, not a feed-forward layer: no refusal, no
+    ``skip_unsupported`` needed, kept whole (its inner ``Mlp`` is not pruned) and counted exactly."""
     name, kwargs, size = FAMILY_ZOO["vit_relpos"]
     model = randomize_parameters(create_model("vit_srelpos_small_patch16_224", **kwargs).eval())
-    with pytest.warns(UserWarning, match="leaving layer dense: shared_rel_pos"):
-        space = build_space(model, size, skip_unsupported=True)
-    assert set(space.skipped) == {"shared_rel_pos"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left dense
+        space = build_space(model, size)
+    assert space.skipped == {}
+    assert not [label for label in space.layers if label.startswith("shared_rel_pos")]
     assert {layer.family for layer in space.layers.values()} == {"timm_relpos_attention", "timm_mlp"}
+    assert analytic_cost(space).macs == measure_macs(model, size)
     selection = _random_selection(space, 2)
     pruned = materialize(model, space, selection)
     x = torch.randn(2, *size)
