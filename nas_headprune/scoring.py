@@ -10,9 +10,12 @@ from torch import nn
 from nas_headprune.space import HeadSpace
 
 
-def channel_index(heads: int, width: int, offset: int, head_stride: int) -> torch.Tensor:
-    """``(H, d)`` positions of every channel along a slot's axis."""
-    return offset + torch.arange(heads).unsqueeze(1) * head_stride + torch.arange(width)  # (H, d)
+def channel_index(
+    heads: int, width: int, offset: int, head_stride: int, channel_stride: int = 1
+) -> torch.Tensor:
+    """``(H, d)`` positions of every channel along a slot's axis (:class:`~nas_headprune.space.Slot`)."""
+    heads_at = torch.arange(heads).unsqueeze(1) * head_stride  # (H, 1)
+    return offset + heads_at + torch.arange(width) * channel_stride  # (H, d)
 
 
 def reduce_coupled(
@@ -20,7 +23,8 @@ def reduce_coupled(
     tensors: Mapping[str, torch.Tensor],
     fn: Callable[[torch.Tensor], torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """For every dimension, ``sum over coupled slots of fn(slice).sum()`` per channel.
+    """For every dimension, ``sum over coupled slots of fn(slice).sum()`` per channel (per unit:
+    a unit of several rows, one slot each, such as a rotary pair, sums over its rows).
 
     ``tensors`` maps full parameter names to tensors (the weights, or e.g. ``|w * grad|``);
     ``fn`` is applied elementwise before summing over everything but the channel axis. Returns
@@ -34,7 +38,9 @@ def reduce_coupled(
             slot = graph.nodes[node]
             t = tensors[slot["param"]].detach()
             per_pos = fn(t.movedim(slot["axis"], 0).reshape(t.shape[slot["axis"]], -1).double()).sum(1)
-            idx = channel_index(d.heads, d.max_width, slot["offset"], slot["head_stride"])
+            idx = channel_index(
+                d.heads, d.max_width, slot["offset"], slot["head_stride"], slot["channel_stride"]
+            )
             total += per_pos.cpu()[idx]
         out[label] = total if space.layer_of(label).kind != "mlp" else total[0]
     return out

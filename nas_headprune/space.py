@@ -61,7 +61,9 @@ class DimSpec:
 
     ``heads`` is the number of heads that share the width (1 for an MLP); ``max_width`` the dense
     per-head width; widths run from ``min_width`` to ``max_width`` in multiples of ``step`` (the dense
-    width is always allowed).
+    width is always allowed). Widths count the dimension's units, which are single channels except
+    where the adapter couples several rows into one unit: EVA's rotary query/key pairs, so its
+    ``:qk`` widths (and ``min_width`` and ``step``) count pairs of channels.
     """
 
     label: str
@@ -94,16 +96,25 @@ class DimSpec:
 class Slot:
     """Where a dimension's channels live in one parameter tensor.
 
-    Channel ``j`` of head ``h`` sits at index ``offset + h * head_stride + j`` along axis ``axis``
-    of the parameter ``param`` (a name relative to the layer module). ``head_stride = 0`` means every
-    head shares that tensor slice (one kernel per channel shared by all heads); the pruned tensor then
-    holds one entry per kept (head, channel).
+    Channel ``j`` of head ``h`` sits at index ``offset + h * head_stride + j * channel_stride``
+    along axis ``axis`` of the parameter ``param`` (a name relative to the layer module).
+    ``head_stride = 0`` means every head shares that tensor slice (one kernel per channel shared by
+    all heads); the pruned tensor then holds one entry per kept (head, channel).
+
+    ``channel_stride`` (default 1: a head's channels are contiguous) lets one unit of a dimension
+    span several rows: a unit made of ``k`` rows is ``k`` slots on the same parameter, one per
+    member. A rotary pair ``j`` of an interleaved layout, rows ``2j`` and ``2j + 1`` of a head, is
+    the two slots ``offset`` and ``offset + 1`` with ``channel_stride=2``; the half-split pair
+    ``(j, j + d/2)`` is the slots ``offset`` and ``offset + d/2`` with stride 1. Surgery gathers
+    the kept rows slot by slot, in offset order, so a pruned tensor holds the first members of
+    all kept units (head by head), then the second members, and so on.
     """
 
     param: str
     axis: int
     offset: int
     head_stride: int
+    channel_stride: int = 1
 
 
 @dataclass(frozen=True)
@@ -229,7 +240,11 @@ class SpaceAdapter(ABC):
     * :meth:`open_submodules`: submodules of a claimed module that other adapters may still claim
       (a feed-forward whose two linears sit beside the attention in one block);
     * :meth:`fold_scales`: reweight scales folded into the sliced weights (raises
-      :class:`ArchitectureError` for a kind that cannot be folded, the default for every kind).
+      :class:`ArchitectureError` for a kind that cannot be folded, the default for every kind);
+    * a keyword argument ``kept`` of :meth:`build_pruned`: an adapter whose ``build_pruned``
+      declares it receives the kept unit indices, ``{kind: (H, w) or (m,) long tensor}`` (a
+      module that must know which units it kept, such as EVA's rotary pairs); adapters that do not
+      declare it are called without it.
 
     ``nas_headprune.testing.SpaceAdapterTestCase`` checks an adapter's properties in its author's
     own tests.
@@ -335,7 +350,12 @@ class SpaceAdapter(ABC):
         widths: dict[str, int],
         params: dict[str, torch.Tensor],
     ) -> nn.Module:
-        """A new, smaller module holding ``params`` (sliced tensors, by local name)."""
+        """A new, smaller module holding ``params`` (sliced tensors, by local name).
+
+        An adapter may add a keyword argument ``kept: Mapping[str, torch.Tensor] | None = None``:
+        :func:`~nas_headprune.evaluator.materialize.materialize` then passes the kept unit indices
+        of each dimension kind (``(H, w)`` for attention, ``(m,)`` for an MLP, sorted per head).
+        """
 
     def fold_scales(
         self,
@@ -544,9 +564,11 @@ class HeadSpace:
 
         Nodes: dimension labels (``kind="dim"``) and slots ``(layer, param, axis, offset)``
         (``kind="slot"``, with ``param`` the full parameter name, ``axis``, ``offset``,
-        ``head_stride``). A ``qk`` dimension reaches the q and k rows of ``qkv``; a ``v`` dimension
-        the v rows of ``qkv`` and the columns of ``proj``; a ``hidden`` dimension the rows of ``fc1``
-        and the columns of ``fc2``. Surgery and channel-norm scoring both walk this graph.
+        ``head_stride`` and ``channel_stride``: channel ``j`` of head ``h`` at ``offset + h *
+        head_stride + j * channel_stride``, see :class:`Slot`). A ``qk`` dimension reaches the q and
+        k rows of ``qkv``; a ``v`` dimension the v rows of ``qkv`` and the columns of ``proj``; a
+        ``hidden`` dimension the rows of ``fc1`` and the columns of ``fc2``. Surgery and
+        channel-norm scoring both walk this graph.
         """
         import networkx as nx
 
@@ -566,6 +588,7 @@ class HeadSpace:
                         axis=s.axis,
                         offset=s.offset,
                         head_stride=s.head_stride,
+                        channel_stride=s.channel_stride,
                     )
                     g.add_edge(d.label, node)
         return g

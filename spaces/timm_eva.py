@@ -3,13 +3,11 @@ models built with ``attn_type="eva"``).
 
 Value channels are pruned per head, exactly as for timm ``Attention``: the v rows of ``qkv`` (or
 ``v_proj``), ``v_bias``, the ``proj`` columns and, in gated attention, the rows of ``gate`` (the
-gate multiplies each value channel of the output). Query/key channels are kept: the ``:qk``
-dimension of a layer is one unit per head, the head's whole q/k block, whose only width is 1 (the
-block is always kept). Its mask multiplies the head's q and k, so strategies can still score and
-scale it, and a query scale folds into the q rows.
+gate multiplies each value channel of the output).
 
-Why q/k stay whole. The models pass a rotary position embedding (``rope``) to the module at every
-call. ``apply_rot_embed_cat`` rotates q/k channels in pairs, each pair by its own frequency:
+Query/key channels are pruned in rotary pairs. The models pass a rotary position embedding
+(``rope``) to the module at every call; ``apply_rot_embed_cat`` rotates q/k channels in pairs, each
+pair by its own frequency:
 
 * interleaved layout (``rotate_half=False``; EVA02 and every model without ``rope_rotate_half``):
   channels ``2j`` and ``2j + 1`` of a head form pair ``j``; sin/cos are laid out
@@ -17,20 +15,27 @@ call. ``apply_rot_embed_cat`` rotates q/k channels in pairs, each pair by its ow
 * half-split layout (``rotate_half=True``; DINOv3, LingBot): channels ``j`` and ``j + d/2`` form
   pair ``j``; sin/cos are ``[f0, f1, ..., f0, f1, ...]`` and ``rot(x) = [-x_{d/2:}, x_{:d/2}]``.
 
-Pruning q/k exactly therefore means keeping or removing whole pairs, and the pruned module must
-know which pair each kept one was, to rotate it by that pair's frequency. The search-space core
-cannot express either today: a coupling :class:`~nas_headprune.space.Slot` addresses channel ``j``
-of head ``h`` at ``offset + h * head_stride + j``, which reaches the half-split pair ``(j, j +
-d/2)`` with two slots but not the interleaved pair ``(2j, 2j + 1)``; and ``build_pruned`` receives
-the sliced parameters but not the kept indices, while the frequencies live outside the module's
-parameters. (A width ``step`` of 2 would not hold either: strategies replace the step of every
-dimension with their own ``width_step``.) The module cannot tell whether it will be given a
-``rope`` at all, so EVA without rotary embeddings keeps q/k whole too.
+The ``:qk`` dimension therefore counts pairs: ``max_width = head_dim / 2``, and its widths,
+``min_width`` and width step are numbers of pairs. Each head keeps the same number of pairs and
+chooses its own; a pair is kept or removed whole, in q and k alike. In the coupling a pair is two
+slots per projection: offsets ``0`` and ``1`` with ``channel_stride=2`` (interleaved), offsets
+``0`` and ``d/2`` (half-split). The pruned module (:class:`PrunedEvaAttention`) lays its ``2w``
+kept channels out in the same layout, keeps each head's kept pair indices in the buffer
+``kept_pairs`` ``(H, w)`` (saved with the weights) and, at every call, gathers the matching sin/cos
+columns of ``rope`` per head, so every kept pair turns by its own frequency. Masks and query scales
+are one factor per pair, which multiplies both channels alike and so commutes with the rotation (a
+factor that differs between the two channels of a pair would not, and is refused when folded).
+Called without a ``rope`` the pairs are plain channels removed two at a time, which is exact too.
+
+Per-head ``q_norm`` / ``k_norm`` (``qk_norm``) normalise over all channels of a head, so removing a
+pair would change the mean and variance the others are normalised with. With them (and for an odd
+head width, which has no pairs) a head's q/k block is one unit, always kept: the ``:qk`` dimension
+has width 1 per head, its mask multiplies the head's q and k after the norms, and a query scale
+cannot fold into the q rows (the norm would undo it).
 
 Refused: a ``norm`` between the attention and ``proj`` (EVA02's sub-LN, ``scale_attn_inner``) is a
 LayerNorm over all value channels of a token, so removing one changes the mean and variance the
-others are normalised with. Per-head ``q_norm`` / ``k_norm`` are fine, since q/k channels are kept
-(but a query scale then cannot fold into the q rows: the norm would undo it).
+others are normalised with.
 """
 
 from __future__ import annotations
@@ -62,14 +67,21 @@ from ._qv_bias import qv_bias_qkv
 
 
 class PrunedEvaAttention(nn.Module):
-    """``EvaAttention`` whose heads keep all ``head_dim`` query/key channels and ``head_dim_v``
-    value channels each; same call signature (``rope``, ``attn_mask``, ``is_causal``), projections
-    (fused ``qkv`` with ``q_bias`` / ``v_bias``, or ``q_proj`` / ``k_proj`` / ``v_proj``), q/k norms
-    and gate as the dense module, and the dense model's softmax scale."""
+    """``EvaAttention`` whose heads keep ``head_dim`` query/key channels and ``head_dim_v`` value
+    channels each; same call signature (``rope``, ``attn_mask``, ``is_causal``), projections (fused
+    ``qkv`` with ``q_bias`` / ``v_bias``, or ``q_proj`` / ``k_proj`` / ``v_proj``), q/k norms and
+    gate as the dense module, and the dense model's softmax scale.
+
+    ``rope_dim`` is the head width the rotary embedding is built for (the dense ``head_dim``). When
+    it is given, the heads keep ``head_dim / 2`` of its ``rope_dim / 2`` rotary pairs, laid out as
+    the dense module lays out its pairs (``rotate_half``), and ``kept_pairs`` ``(H, head_dim / 2)``
+    names the dense pair of each kept one; the forward rotates each by that pair's frequency. When
+    it is ``None`` the q/k channels are the dense ones, all kept (``kept_pairs`` is ``None``)."""
 
     q_bias: nn.Parameter | None
     k_bias: torch.Tensor | None
     v_bias: nn.Parameter | None
+    kept_pairs: torch.Tensor | None
 
     def __init__(
         self,
@@ -85,10 +97,17 @@ class PrunedEvaAttention(nn.Module):
         fused_attn: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        rope_dim: int | None = None,
     ) -> None:
         super().__init__()
+        if rope_dim is not None and (head_dim % 2 or rope_dim % 2 or head_dim > rope_dim):
+            raise ArchitectureError(
+                f"rotary pairs need even q/k widths within the rotary width, got head_dim "
+                f"{head_dim} and rope_dim {rope_dim}"
+            )
         self.num_heads = num_heads
         self.head_dim = head_dim
+        self.rope_dim = rope_dim
         self.head_dim_v = head_dim_v
         self.scale = scale
         self.qkv_bias_separate = qkv_bias_separate
@@ -103,6 +122,9 @@ class PrunedEvaAttention(nn.Module):
         self.register_parameter("q_bias", None)
         self.register_buffer("k_bias", None, persistent=False)
         self.register_parameter("v_bias", None)
+        # dense pair index of every kept pair (set by the adapter; saved with the weights)
+        pairs = None if rope_dim is None else torch.arange(head_dim // 2).repeat(num_heads, 1)  # (H, w)
+        self.register_buffer("kept_pairs", pairs)
         if qkv_fused:
             self.qkv = nn.Linear(dim, num_heads * (2 * head_dim + head_dim_v), bias=False)
         else:
@@ -137,6 +159,8 @@ class PrunedEvaAttention(nn.Module):
         v = rearrange(v, "b n (h d) -> b h n d", h=heads)  # (B, H, N, d_v)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # rotary embedding on every token after the prefix tokens, as timm
+            if self.kept_pairs is not None:
+                rope = self.kept_rope(rope)  # (b, H, N', 2*d): each head's kept pairs' sin, cos
             npt = self.num_prefix_tokens
             q = torch.cat(
                 [q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=self.rotate_half)], dim=2
@@ -160,6 +184,33 @@ class PrunedEvaAttention(nn.Module):
             out = out * gate
         return self.proj_drop(self.proj(out))
 
+    def rope_channels(self) -> torch.Tensor:
+        """``(H, head_dim)``: the dense rotary channel of each kept q/k channel, in this module's
+        layout (interleaved ``[2j, 2j + 1, ...]`` or half-split ``[j, ..., j + rope_dim/2, ...]``)."""
+        pairs, dense = self.kept_pairs, self.rope_dim
+        assert pairs is not None and dense is not None, "the q/k channels are kept whole"
+        if self.rotate_half:
+            return torch.cat([pairs, pairs + dense // 2], dim=-1)  # (H, 2w): (m j)
+        return torch.stack([2 * pairs, 2 * pairs + 1], dim=-1).flatten(-2)  # (H, 2w): (j m)
+
+    def kept_rope(self, rope: torch.Tensor) -> torch.Tensor:
+        """The columns of ``rope`` (sin then cos over the ``rope_dim`` dense channels, broadcastable
+        to ``(B, H, N, 2*rope_dim)``: ``(N, .)``, ``(H, N, .)``, ``(B, 1, N, .)``, ...) that each
+        head's kept channels use: ``(b, H, N, 2*head_dim)``, sin then cos."""
+        dense, heads = cast(int, self.rope_dim), self.num_heads
+        if rope.shape[-1] != 2 * dense or rope.dim() > 4:
+            raise ValueError(
+                f"rope of shape {tuple(rope.shape)} does not fit rotary width {dense} (expected "
+                f"(..., N, {2 * dense}), at most 4 dimensions)"
+            )
+        idx = self.rope_channels()  # (H, 2w)
+        idx = torch.cat([idx, idx + dense], dim=-1).to(rope.device)  # (H, 4w): sin, then cos
+        while rope.dim() < 4:
+            rope = rope.unsqueeze(0)
+        b, _, n, width = rope.shape
+        rope = rope.expand(b, heads, n, width)  # (b, H, N, 2*rope_dim)
+        return torch.gather(rope, -1, idx[None, :, None, :].expand(b, heads, n, idx.shape[-1]))
+
 
 def _widths(module: nn.Module) -> tuple[int, int, int]:
     """``(H, d, d_v)`` of a dense or pruned module: heads, q/k width, value width."""
@@ -172,8 +223,31 @@ def _head_major(t: torch.Tensor, heads: int) -> torch.Tensor:
     return rearrange(t, "(c h) ... -> (h c) ...", h=heads)
 
 
+def _pair_major(t: torch.Tensor, heads: int, half: bool) -> torch.Tensor:
+    """q/k rows gathered one slot per pair member, ``(m, H, w)`` order, to the module's layout:
+    ``(H, m, w)`` half-split or ``(H, w, m)`` interleaved."""
+    pattern = "(m h w) ... -> (h m w) ..." if half else "(m h w) ... -> (h w m) ..."
+    return rearrange(t, pattern, m=2, h=heads)
+
+
+def _per_channel(factors: torch.Tensor, half: bool) -> torch.Tensor:
+    """One factor per pair ``(..., w)`` to one per channel ``(..., 2w)``, in the pairs' layout."""
+    return torch.cat([factors, factors], dim=-1) if half else factors.repeat_interleave(2, dim=-1)
+
+
+def _pairs(layer: LayerSpace) -> bool:
+    """Whether the layer's ``:qk`` units are rotary pairs (else one unit per head, kept whole)."""
+    return bool(layer.meta["qk_unit"] == "pair")
+
+
+def _qk_width(layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
+    """Query/key channels per head at ``widths``: two per kept pair, or the whole head."""
+    return 2 * widths["qk"] if _pairs(layer) else layer.meta["head_dim"]
+
+
 class TimmEvaAttentionAdapter(SpaceAdapter):
-    """timm ``EvaAttention`` and the project's ``PrunedEvaAttention``: value channels per head."""
+    """timm ``EvaAttention`` and the project's ``PrunedEvaAttention``: query/key channels in rotary
+    pairs (or whole heads with q/k norms), value channels one by one, per head."""
 
     name = "timm_eva_attention"
     kind = "attention"
@@ -197,6 +271,8 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
     def describe(self, label: str, module: nn.Module, tokens: int) -> LayerSpace:
         heads, d, d_v = _widths(module)
         fused = module.qkv is not None
+        qk_norm = not (isinstance(module.q_norm, nn.Identity) and isinstance(module.k_norm, nn.Identity))
+        pairs = not qk_norm and d % 2 == 0
         gate = cast("nn.Linear | None", module.gate)
         proj = cast(nn.Linear, module.proj)
         if fused:
@@ -208,7 +284,11 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
             v_bias = cast(nn.Linear, module.v_proj).bias is not None
         meta: dict[str, Any] = {
             "attention": "softmax",
-            "qk_unit": "head",  # q/k channels are kept: one unit per head, always kept
+            # "pair": q/k widths count rotary pairs; "head": one unit per head, always kept
+            "qk_unit": "pair" if pairs else "head",
+            "rotate_half": bool(getattr(module, "rotate_half", False)),
+            # the head width the rotary embedding is built for (a pruned module's dense width)
+            "rope_dim": cast("int | None", getattr(module, "rope_dim", None)) or d,
             "tokens": tokens,
             "kv_tokens": tokens,
             "embed_dim": self.input_dim(module),
@@ -221,13 +301,11 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
             "proj_bias": proj.bias is not None,
             "gate": gate is not None,
             "gate_bias": gate is not None and gate.bias is not None,
-            "qk_norm": not (
-                isinstance(module.q_norm, nn.Identity) and isinstance(module.k_norm, nn.Identity)
-            ),
+            "qk_norm": qk_norm,
             "extra_params": 0,
         }
         dims = {
-            "qk": DimSpec(dim_label(label, "qk"), "qk", heads, 1),
+            "qk": DimSpec(dim_label(label, "qk"), "qk", heads, d // 2 if pairs else 1),
             "v": DimSpec(dim_label(label, "v"), "v", heads, d_v),
         }
         layer = LayerSpace(label, self.name, self.kind, dims, meta, self)
@@ -242,20 +320,27 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
         heads, d, d_v = layer.dims["v"].heads, m["head_dim"], layer.dims["v"].max_width
         qk: list[Slot] = []
         v: list[Slot] = [Slot("proj.weight", 1, 0, d_v)]
-        # the head's q/k block is one unit: one slot per channel c, at c + h * d
+
+        def units(param: str, start: int) -> list[Slot]:
+            """Slots of the q/k units of one projection whose rows start at ``start``."""
+            if not _pairs(layer):  # the head's block is one unit: a slot per channel c, at c + h*d
+                return [Slot(param, 0, start + c, d) for c in range(d)]
+            if m["rotate_half"]:  # pair j: rows j and j + d/2 of the head
+                return [Slot(param, 0, start, d), Slot(param, 0, start + d // 2, d)]
+            return [Slot(param, 0, start, d, 2), Slot(param, 0, start + 1, d, 2)]  # rows 2j, 2j + 1
+
         if m["qkv_fused"]:
-            qk += [Slot("qkv.weight", 0, c, d) for c in range(d)]
-            qk += [Slot("qkv.weight", 0, heads * d + c, d) for c in range(d)]
+            qk += units("qkv.weight", 0) + units("qkv.weight", heads * d)
             if m["q_bias"]:
-                qk += [Slot("q_bias", 0, c, d) for c in range(d)]
+                qk += units("q_bias", 0)
             v.append(Slot("qkv.weight", 0, 2 * heads * d, d_v))
             if m["v_bias"]:
                 v.append(Slot("v_bias", 0, 0, d_v))
         else:
             for proj, has_bias in (("q_proj", m["q_bias"]), ("k_proj", m["k_bias"])):
-                qk += [Slot(f"{proj}.weight", 0, c, d) for c in range(d)]
+                qk += units(f"{proj}.weight", 0)
                 if has_bias:
-                    qk += [Slot(f"{proj}.bias", 0, c, d) for c in range(d)]
+                    qk += units(f"{proj}.bias", 0)
             v.append(Slot("v_proj.weight", 0, 0, d_v))
             if m["v_bias"]:
                 v.append(Slot("v_proj.bias", 0, 0, d_v))
@@ -271,22 +356,38 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
     ) -> list[torch.utils.hooks.RemovableHandle] | None:
         """The values as the projection gives them, bias included: from ``v_proj``'s output, or
         recomputed from the module's input for a fused ``qkv`` (with q/v biases the forward calls
-        ``F.linear`` on ``qkv.weight`` and never the ``qkv`` submodule). The ``:qk`` dimension has
-        width 1 (one unit per head) and needs none."""
+        ``F.linear`` on ``qkv.weight`` and never the ``qkv`` submodule).
+
+        Rotary pairs: the queries and the keys as the projections give them (what ``q_norm`` and
+        ``k_norm``, identities here, return), before the rotation. The two channels of a pair are
+        handed over as two readings of the pair, ``(B, N, 2, H, w)``, so a Gram matrix entry is the
+        inner product of two pairs' activations over tokens and both members. A ``:qk`` dimension
+        of whole heads has width 1 and needs none."""
         heads, d, d_v = layer.dims["v"].heads, layer.meta["head_dim"], layer.dims["v"].max_width
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        if _pairs(layer):
+            pattern = "b h n (m w) -> b n m h w" if layer.meta["rotate_half"] else "b h n (w m) -> b n m h w"
+
+            def read_qk(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+                sink("qk", rearrange(out, pattern, m=2))  # (B, N, 2, H, w)
+
+            handles += [
+                cast(nn.Module, module.q_norm).register_forward_hook(read_qk),
+                cast(nn.Module, module.k_norm).register_forward_hook(read_qk),
+            ]
         if not layer.meta["qkv_fused"]:
 
             def read_v(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
                 sink("v", rearrange(out, "... (h d) -> ... h d", h=heads))  # (..., H, d_v)
 
-            return [cast(nn.Linear, module.v_proj).register_forward_hook(read_v)]
+            return [*handles, cast(nn.Linear, module.v_proj).register_forward_hook(read_v)]
 
         def read_qkv(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             x = args[0] if args else kwargs["x"]
             v = qv_bias_qkv(mod, x)[..., 2 * heads * d :]  # (..., H*d_v)
             sink("v", rearrange(v, "... (h d) -> ... h d", h=heads, d=d_v))  # (..., H, d_v)
 
-        return [module.register_forward_pre_hook(read_qkv, with_kwargs=True)]
+        return [*handles, module.register_forward_pre_hook(read_qkv, with_kwargs=True)]
 
     # ------------------------------------------------------------------------ masks
     def install_masks(
@@ -294,12 +395,16 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
     ) -> list[torch.utils.hooks.RemovableHandle]:
         qk_label, v_label = layer.dims["qk"].label, layer.dims["v"].label
         heads, d_v = layer.dims["v"].heads, layer.dims["v"].max_width
+        pairs, half = _pairs(layer), bool(layer.meta["rotate_half"])
 
         def per_head(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-            return t.to(like.dtype).reshape(1, heads, 1, 1)  # a factor per head on (B, H, N, d)
+            t = t.to(like.dtype).reshape(heads, -1)  # (H, w) pairs or (H, 1) whole heads
+            if pairs:  # the pair's factor on both its channels: (1, H, 1, d) on (B, H, N, d)
+                return _per_channel(t, half).reshape(1, heads, 1, -1)
+            return t.reshape(1, heads, 1, 1)  # a factor per head on (B, H, N, d)
 
         # after the q/k norms (modules, nn.Identity when absent), before the rotary embedding: a
-        # per-head factor commutes with the rotation
+        # factor per head, or per pair on both of its channels, commutes with the rotation
         def mask_q(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
             m, s = masks.get(qk_label), masks.get(qk_label + QUERY_SCALE)
             if m is None and s is None:
@@ -333,10 +438,16 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
         params: dict[str, torch.Tensor],
         scales: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """A query scale (one per head) multiplies the head's q rows and bias, a value scale the
-        value rows and bias; with q/k norms the query scale comes after the norm and cannot fold."""
+        """A query scale multiplies the q rows and bias of its unit, a value scale the value rows
+        and bias; with q/k norms the query scale comes after the norm and cannot fold.
+
+        A rotary pair's scale, ``(H, w)``, multiplies both of its q rows, which commutes with the
+        rotation. A scale per channel of each kept pair, ``(H, w, 2)``, folds only when the two
+        channels of every pair get the same factor: otherwise the rotation mixes a scaled channel
+        with one scaled differently, which no scaling of the q rows reproduces, and it raises
+        :class:`ArchitectureError`."""
         m = layer.meta
-        heads, d = layer.dims["v"].heads, m["head_dim"]
+        heads, d = layer.dims["v"].heads, _qk_width(layer, widths)
         out = dict(params)
 
         def scale_rows(name: str, factor: torch.Tensor, rows: slice = slice(None)) -> None:
@@ -353,7 +464,19 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
                     f"{layer.label}: a query scale acts after the per-head q norm, so it cannot be "
                     "folded into the q rows"
                 )
-            per_row = scales["qk"].reshape(1, heads).expand(d, heads).reshape(-1)  # (d*H,) in (c, h) order
+            s = scales["qk"]
+            if _pairs(layer):
+                if s.dim() == 3:  # (H, w, 2): a factor per channel of each kept pair
+                    if not torch.equal(s[..., 0], s[..., 1]):
+                        raise ArchitectureError(
+                            f"{layer.label}: query scales that differ between the two channels of "
+                            "a rotary pair do not commute with the rotation, so they cannot be "
+                            "folded into the q rows (one factor per pair can)"
+                        )
+                    s = s[..., 0]
+                per_row = s.reshape(1, -1).expand(2, -1).reshape(-1)  # (2*H*w,) in (m, h, w) order
+            else:
+                per_row = s.reshape(1, heads).expand(d, heads).reshape(-1)  # (d*H,) in (c, h) order
             if m["qkv_fused"]:
                 scale_rows("qkv.weight", per_row, slice(0, heads * d))
                 scale_rows("q_bias", per_row)
@@ -371,10 +494,19 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
         return out
 
     def build_pruned(
-        self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]
+        self,
+        module: nn.Module,
+        layer: LayerSpace,
+        widths: dict[str, int],
+        params: dict[str, torch.Tensor],
+        *,
+        kept: Mapping[str, torch.Tensor] | None = None,
     ) -> nn.Module:
+        """The pruned module; with rotary pairs it needs ``kept["qk"]``, the kept pairs ``(H, w)``
+        (``materialize`` passes it), unless every pair is kept."""
         m = layer.meta
-        heads, d, _ = _widths(module)
+        heads = layer.dims["v"].heads
+        d = _qk_width(layer, widths)
         proj = cast(nn.Linear, module.proj)
         new = PrunedEvaAttention(
             dim=m["embed_dim"],
@@ -389,22 +521,26 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
             fused_attn=bool(module.fused_attn),
             attn_drop=cast(nn.Dropout, module.attn_drop).p,
             proj_drop=cast(nn.Dropout, module.proj_drop).p,
+            rope_dim=m["rope_dim"] if _pairs(layer) else None,
         ).to(device=proj.weight.device, dtype=proj.weight.dtype)
+
+        def arrange(t: torch.Tensor) -> torch.Tensor:  # sliced q/k rows to the module's order
+            return _pair_major(t, heads, m["rotate_half"]) if _pairs(layer) else _head_major(t, heads)
+
+        if _pairs(layer):
+            new.kept_pairs = self._kept_pairs(module, layer, widths, kept).to(proj.weight.device)
         if m["qkv_fused"]:
             w = params["qkv.weight"]
             q, k, v = w[: heads * d], w[heads * d : 2 * heads * d], w[2 * heads * d :]
-            new.qkv = new_linear(torch.cat([_head_major(q, heads), _head_major(k, heads), v]), None)
+            new.qkv = new_linear(torch.cat([arrange(q), arrange(k), v]), None)
             if "q_bias" in params:
-                new.q_bias = nn.Parameter(_head_major(params["q_bias"], heads))
+                new.q_bias = nn.Parameter(arrange(params["q_bias"]))
                 new.register_buffer("k_bias", torch.zeros_like(params["q_bias"]), persistent=False)
                 new.v_bias = nn.Parameter(params["v_bias"].clone())
         else:
             for name in ("q_proj", "k_proj"):
                 bias = params.get(f"{name}.bias")
-                lin = new_linear(
-                    _head_major(params[f"{name}.weight"], heads),
-                    None if bias is None else _head_major(bias, heads),
-                )
+                lin = new_linear(arrange(params[f"{name}.weight"]), None if bias is None else arrange(bias))
                 setattr(new, name, lin)
             new.v_proj = new_linear(params["v_proj.weight"], params.get("v_proj.bias"))
         new.q_norm = copy.deepcopy(cast(nn.Module, module.q_norm))
@@ -415,11 +551,35 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
         new.train(module.training)
         return new
 
+    @staticmethod
+    def _kept_pairs(
+        module: nn.Module,
+        layer: LayerSpace,
+        widths: Mapping[str, int],
+        kept: Mapping[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """``(H, w)``: the dense rotary pair of each pair the new module keeps (composed with the
+        pairs ``module`` already keeps, when it is a pruned module itself)."""
+        spec = layer.dims["qk"]
+        held = cast("torch.Tensor | None", getattr(module, "kept_pairs", None))  # (H, W) or None
+        base = held.cpu() if held is not None else torch.arange(spec.max_width).repeat(spec.heads, 1)
+        if kept is not None and "qk" in kept:
+            index = kept["qk"].detach().cpu().long().reshape(spec.heads, widths["qk"])  # (H, w)
+        elif widths["qk"] == spec.max_width:
+            index = torch.arange(spec.max_width).repeat(spec.heads, 1)
+        else:
+            raise ArchitectureError(
+                f"{layer.label}: a module keeping {widths['qk']} of {spec.max_width} rotary pairs per "
+                "head must know which ones; pass the kept indices (materialize passes kept=)"
+            )
+        return torch.gather(base, 1, index)  # (H, w)
+
     # ------------------------------------------------------------------------- cost
     def macs(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
-        """q/k/v projections, q.k^T and attn.v (q/k at the dense width), proj and the gate."""
+        """q/k/v projections, q.k^T and attn.v (two q/k channels per kept rotary pair, or the dense
+        width), proj and the gate. The rotation itself is elementwise: no MACs."""
         m = layer.meta
-        heads, d, n, c = layer.dims["v"].heads, m["head_dim"], m["tokens"], m["embed_dim"]
+        heads, d, n, c = layer.dims["v"].heads, _qk_width(layer, widths), m["tokens"], m["embed_dim"]
         w_v = widths["v"]
         total = n * c * heads * (2 * d + w_v) + heads * n * m["kv_tokens"] * (d + w_v)
         total = total + n * heads * w_v * m["out_dim"]
@@ -429,7 +589,7 @@ class TimmEvaAttentionAdapter(SpaceAdapter):
 
     def params(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
         m = layer.meta
-        heads, d, c = layer.dims["v"].heads, m["head_dim"], m["embed_dim"]
+        heads, d, c = layer.dims["v"].heads, _qk_width(layer, widths), m["embed_dim"]
         v_rows = heads * widths["v"]
         count = c * heads * 2 * d + c * v_rows + v_rows * m["out_dim"] + m["extra_params"]
         count = count + heads * d * (int(m["q_bias"]) + int(m["k_bias"]))

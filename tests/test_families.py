@@ -25,9 +25,10 @@ from nas_headprune import load_pruned, save_pruned
 from nas_headprune.cli import main
 from nas_headprune.errors import ArchitectureError, UnsupportedLayerError
 from nas_headprune.evaluator.cost import analytic_cost
-from nas_headprune.evaluator.materialize import materialize
+from nas_headprune.evaluator.materialize import materialize, slice_parameters
 from nas_headprune.evaluator.measure import count_params, measure_macs
 from nas_headprune.models.factory import create_model
+from nas_headprune.scoring import parameters_by_name, reduce_coupled
 from nas_headprune.space import HeadSpace, build_space
 
 # case -> (FAMILY_ZOO key, kwargs overriding the zoo's, adapters that must claim layers)
@@ -52,6 +53,18 @@ CASES: dict[str, tuple[str, dict, set[str]]] = {
         dict(rope_rotate_half=True, num_reg_tokens=2, qk_norm=True, swiglu_align_to=8),
         {"timm_eva_attention", "timm_swiglu"},
     ),
+    # q/k in rotary pairs: half-split (j, j + d/2), separate projections, per-head frequencies
+    "eva02_half_rope_pairs": (
+        "eva02",
+        dict(rope_rotate_half=True, num_reg_tokens=2),
+        {"timm_eva_attention", "timm_glu_mlp"},
+    ),
+    "eva02_separate_half_rope": (
+        "eva02",
+        dict(qkv_fused=False, rope_rotate_half=True),
+        {"timm_eva_attention", "timm_glu_mlp"},
+    ),
+    "eva02_mixed_rope": ("eva02", dict(rope_type="mixed"), {"timm_eva_attention", "timm_glu_mlp"}),
     "eva_no_bias": ("eva", dict(qkv_bias=False), {"timm_eva_attention", "timm_mlp"}),
     "vit_swiglu": ("vit_swiglu", {}, {"timm_attention", "timm_swiglu"}),
 }
@@ -179,7 +192,17 @@ def test_analytic_macs_equal_measured(case: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["beit", "vit_relpos", "swinv2", "eva02", "eva02_separate_qkv", "eva02_half_rope"]
+    "case",
+    [
+        "beit",
+        "vit_relpos",
+        "swinv2",
+        "eva02",
+        "eva02_separate_qkv",
+        "eva02_half_rope",
+        "eva02_half_rope_pairs",
+        "eva02_mixed_rope",
+    ],
 )
 def test_save_load_roundtrip(case: str, tmp_path) -> None:
     model, space = _built(case)
@@ -188,6 +211,8 @@ def test_save_load_roundtrip(case: str, tmp_path) -> None:
     loaded = load_pruned(tmp_path / "out").eval()
     a, b = pruned.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if case.startswith("eva") and case != "eva02_half_rope":  # rotary pairs: which ones, saved
+        assert "blocks.0.attn.kept_pairs" in a
     x = torch.randn(2, *_size(case))
     with torch.no_grad():
         assert torch.equal(pruned(x), loaded(x))
@@ -219,20 +244,28 @@ def test_scale_folding(case: str) -> None:
                 assert (_masked(model, space, masks, x) - folded(x)).abs().max().item() < 1e-5, d.label
 
 
-def _gated_eva() -> nn.Module:
+def _gated_eva(case: str = "eva02") -> nn.Module:
     """A tiny EVA02 whose attention is gated (``EvaAttention(gated=True)``, no model flag builds it)."""
-    model = _model("eva02")
+    model = _model(case)
     for block in model.blocks:
         dense = block.attn
         dim = dense.qkv.in_features
-        block.attn = EvaAttention(dim, num_heads=dense.num_heads, gated=True, scale_norm=False)
+        block.attn = EvaAttention(
+            dim,
+            num_heads=dense.num_heads,
+            gated=True,
+            scale_norm=False,
+            num_prefix_tokens=dense.num_prefix_tokens,
+            rotate_half=dense.rotate_half,
+        )
         block.attn.fused_attn = dense.fused_attn
     return randomize_parameters(model.eval(), seed=1)
 
 
-def test_gated_eva_attention_prunes_gate_rows_with_values() -> None:
-    base = _gated_eva()
-    size = _size("eva02")
+@pytest.mark.parametrize("case", ["eva02", "eva02_half_rope_pairs"])  # interleaved, half-split pairs
+def test_gated_eva_attention_prunes_gate_rows_with_values(case: str) -> None:
+    base = _gated_eva(case)
+    size = _size(case)
     space = build_space(base, size)
     layer = space.layers["blocks.0.attn"]
     assert {"gate.weight", "gate.bias"} <= {slot.param for slot in layer.adapter.coupling(layer)["v"]}
@@ -248,12 +281,120 @@ def test_gated_eva_attention_prunes_gate_rows_with_values() -> None:
             assert analytic_cost(space, selection.architecture()).macs == measure_macs(pruned, size)
 
 
-def test_eva_query_key_block_is_one_unit_per_head() -> None:
+def test_eva_query_keys_are_pruned_in_rotary_pairs() -> None:
+    """The ``:qk`` widths count pairs (d/2 per head); widths, ``min_width`` and the step too. A pair
+    is two slots per projection: rows 2j, 2j+1 (interleaved) or j, j + d/2 (half-split)."""
     _, space = _built("eva02")
     qk = space.dims["blocks.0.attn:qk"]
-    assert (qk.heads, qk.max_width) == (2, 1)
-    assert space.with_step(8, 4).dims["blocks.0.attn:qk"].allowed() == [1]  # strategies cannot narrow it
+    assert (qk.heads, qk.max_width) == (2, 12)  # head_dim 24: 12 pairs
+    assert space.with_step(4, 2).dims["blocks.0.attn:qk"].allowed() == [4, 8, 12]
     assert space.dims["blocks.0.attn:v"].max_width == 24
+    for case, members in (("eva02", [(0, 2), (1, 2)]), ("eva02_half_rope_pairs", [(0, 1), (12, 1)])):
+        _, space = _built(case)
+        layer = space.layers["blocks.0.attn"]
+        slots = [s for s in layer.adapter.coupling(layer)["qk"] if s.param == "q_bias"]
+        assert [(s.offset, s.channel_stride) for s in slots] == members
+    # per-head q/k norms normalise over the whole head: its q/k block stays one unit, always kept
+    _, space = _built("eva02_half_rope")
+    qk = space.dims["blocks.0.attn:qk"]
+    assert (qk.heads, qk.max_width) == (2, 1)
+    assert space.with_step(8, 4).dims["blocks.0.attn:qk"].allowed() == [1]
+
+
+def _dense_rope(model: nn.Module, batch: int | None = None) -> torch.Tensor:
+    """The rotary embedding the model passes to its first block: ``(N, 2d)``, ``(H, N, 2d)`` for
+    per-head (mixed) frequencies, or ``(B, 1, N, 2d)`` as after patch dropout when ``batch``."""
+    rope = model.rope.get_embed()
+    if getattr(model, "rope_mixed", False):
+        rope = rope[0]  # (H, N, 2d): depth first
+    if batch is not None:
+        rope = (rope + 0.01 * torch.randn(batch, *rope.shape)).unsqueeze(1)  # (B, 1, N, 2d)
+    return rope
+
+
+@pytest.mark.parametrize(
+    "case", ["eva02", "eva02_separate_qkv", "eva02_half_rope_pairs", "eva02_mixed_rope", "eva_no_bias"]
+)
+def test_pruned_eva_turns_each_kept_pair_by_its_own_frequency(case: str) -> None:
+    """One attention layer, inputs large enough for the rotation to matter: masked == pruned, and
+    the same module rotating the wrong pairs (the first ones) is far off."""
+    base, space = _built(case)
+    dense = base.blocks[0].attn
+    gen = torch.Generator().manual_seed(4)
+    x = 4 * torch.randn(2, dense.num_prefix_tokens + 16, dense.proj.out_features, generator=gen)
+    ropes = [_dense_rope(base)] + ([] if getattr(base, "rope_mixed", False) else [_dense_rope(base, 2)])
+    for fused in (True, False):
+        model = _with_path(base, fused)
+        attn = model.blocks[0].attn
+        for seed in range(3):
+            selection = _random_selection(space, seed)
+            pairs = selection["blocks.0.attn:qk"]
+            pruned = materialize(model, space, selection).blocks[0].attn
+            assert torch.equal(pruned.kept_pairs, pairs)
+            assert pruned.head_dim == 2 * pairs.shape[1]
+            wrong = copy.deepcopy(pruned)
+            wrong.kept_pairs.copy_(torch.arange(pairs.shape[1]).repeat(pairs.shape[0], 1))
+            for rope in ropes:
+                with torch.no_grad(), space.apply_masks(model, space.masks_from_selection(selection)):
+                    masked = attn(x, rope=rope)
+                with torch.no_grad():
+                    assert (masked - pruned(x, rope=rope)).abs().max().item() < 1e-5, (fused, seed)
+                    if not torch.equal(wrong.kept_pairs, pairs):
+                        assert (masked - wrong(x, rope=rope)).abs().max().item() > 1e-3
+                    # without a rotary embedding the pairs are plain channels
+                    with space.apply_masks(model, space.masks_from_selection(selection)):
+                        plain = attn(x)
+                    assert (plain - pruned(x)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("case", ["eva02", "eva02_separate_qkv", "eva02_half_rope_pairs"])
+def test_eva_pair_scores_sum_both_channels_of_each_pair(case: str) -> None:
+    """Channel-norm scoring walks the pair slots: a pair's score is the sum over its two rows."""
+    model, space = _built(case)
+    attn = model.blocks[0].attn
+    heads, d = attn.num_heads, attn.head_dim
+    scores = reduce_coupled(space, parameters_by_name(model), torch.abs)["blocks.0.attn:qk"]
+    if attn.qkv is not None:
+        rows = attn.qkv.weight.detach().double().abs().sum(1)  # (3*H*d,)
+        per_channel = rows[: heads * d] + rows[heads * d : 2 * heads * d]
+        if attn.q_bias is not None:
+            per_channel = per_channel + attn.q_bias.detach().double().abs()
+    else:
+        per_channel = sum(
+            lin.weight.detach().double().abs().sum(1)
+            + (lin.bias.detach().double().abs() if lin.bias is not None else 0)
+            for lin in (attn.q_proj, attn.k_proj)
+        )
+    per_channel = per_channel.reshape(heads, d)
+    if attn.rotate_half:  # pair j: channels j and j + d/2
+        expected = per_channel[:, : d // 2] + per_channel[:, d // 2 :]
+    else:  # pair j: channels 2j and 2j + 1
+        expected = per_channel[:, 0::2] + per_channel[:, 1::2]
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=0)
+
+
+def test_eva_query_scales_fold_per_pair_and_per_channel_scales_are_refused() -> None:
+    """A factor per pair multiplies both channels and commutes with the rotation: it folds (held by
+    test_scale_folding). Per channel it folds only when both channels of each pair agree."""
+    model, space = _built("eva02")
+    layer = space.layers["blocks.0.attn"]
+    qk = layer.dims["qk"]
+    selection = _random_selection(space, 2)
+    widths = selection.architecture().layer_widths("blocks.0.attn")
+    params = {name: dict(model.get_submodule(name).named_parameters()) for name in space.layers}
+    sliced = slice_parameters(space, params, selection)["blocks.0.attn"]
+    per_pair = 0.5 + torch.rand(qk.heads, widths["qk"], generator=torch.Generator().manual_seed(0))
+    folded = layer.adapter.fold_scales(layer, widths, sliced, {"qk": per_pair})
+    same = layer.adapter.fold_scales(layer, widths, sliced, {"qk": per_pair[..., None].expand(-1, -1, 2)})
+    assert folded.keys() == same.keys() and all(torch.equal(folded[k], same[k]) for k in folded)
+    differing = torch.stack([per_pair, per_pair + 0.25], dim=-1)  # (H, w, 2)
+    with pytest.raises(ArchitectureError, match=r"blocks\.0\.attn: .*rotary pair do not commute"):
+        layer.adapter.fold_scales(layer, widths, sliced, {"qk": differing})
+    per_channel = torch.ones(qk.heads, 2 * qk.max_width)  # one factor per dense channel
+    with pytest.raises(
+        ArchitectureError, match=r"blocks\.0\.attn:qk have shape \(2, 24\); expected \(2, 12\)"
+    ):
+        materialize(model, space, selection, scales={qk.label: per_channel})
 
 
 @pytest.mark.parametrize("key", ["swin", "swinv2", "beit"])
@@ -326,3 +467,9 @@ def test_search_runs_end_to_end(name: str, tmp_path, capsys) -> None:
     assert result["pruned"]["macs"] <= 0.7 * result["dense"]["macs"]
     loaded = load_pruned(tmp_path / "run" / "model")
     assert count_params(loaded) == result["pruned"]["params"]
+    if name.startswith("eva02"):  # q/k narrowed too: widths in rotary pairs, 8 per 16-wide head
+        qk = {label: w for label, w in result["architecture"].items() if label.endswith(":qk")}
+        assert qk and all(1 <= w <= 8 for w in qk.values()) and min(qk.values()) < 8, qk
+        for label, width in qk.items():
+            attn = loaded.get_submodule(label.removesuffix(":qk"))
+            assert tuple(attn.kept_pairs.shape) == (2, width) and attn.head_dim == 2 * width

@@ -74,6 +74,7 @@ CASES: dict[str, tuple[str, dict]] = {
         dict(rope_rotate_half=True, num_reg_tokens=2, qk_norm=True, swiglu_align_to=8),
     ),
     "eva_no_bias": ("eva", dict(qkv_bias=False)),
+    "eva02_half_rope_pairs": ("eva02", dict(rope_rotate_half=True, num_reg_tokens=2)),
 }
 #: the families whose weights the reader before ``watch_channels`` computed: kept bit for bit
 UNCHANGED = ("vit", "deit", "swin", "flatten_swin", "flatten_deit")
@@ -148,9 +149,13 @@ def _read_at(layer: LayerSpace) -> dict[str, list[tuple[str, str, int]]]:
     if name in _SPLIT:
         q, k, v = _SPLIT[name]
         return {"qk": [(q, "out", 0), (k, "out", 0)], "v": [(v, "out", heads * d_qk if k == v else 0)]}
-    if name == "timm_eva_attention":  # q/k: one unit per head, width 1
-        fused = layer.meta["qkv_fused"]
-        return {"v": [("qkv", "out", 2 * heads * layer.meta["head_dim"]) if fused else ("v_proj", "out", 0)]}
+    if name == "timm_eva_attention":
+        fused, d = layer.meta["qkv_fused"], layer.meta["head_dim"]
+        spots = {"v": [("qkv", "out", 2 * heads * d) if fused else ("v_proj", "out", 0)]}
+        if layer.meta["qk_unit"] == "pair":  # q/k in rotary pairs; with q/k norms one unit per head
+            q, k = ("qkv", "qkv") if fused else ("q_proj", "k_proj")
+            spots["qk"] = [(q, "out", 0), (k, "out", heads * d if fused else 0)]
+        return spots
     raise AssertionError(f"no brute-force reading for the {name} adapter: add one here")
 
 
@@ -179,10 +184,16 @@ def _brute_force(
             heads = 1 if layer.kind == "mlp" else d.heads
             gram = torch.zeros(heads, d.max_width, d.max_width, dtype=torch.float64)
             seen = 0
+            pairs = layer.meta.get("qk_unit") == "pair" and kind == "qk"  # EVA's rotary pairs
+            channels = 2 * d.max_width if pairs else d.max_width
             for path, side, start in spots:
                 for x, y in capture.calls[f"{label}.{path}"]:
-                    z = (x if side == "in" else y)[..., start : start + heads * d.max_width]
-                    z = rearrange(z, "... (h d) -> (...) h d", h=heads)  # (T, H, d)
+                    z = (x if side == "in" else y)[..., start : start + heads * channels]
+                    if pairs:  # the two channels of a pair are two readings of it: (T*2, H, w)
+                        layout = "(h m w)" if layer.meta["rotate_half"] else "(h w m)"
+                        z = rearrange(z, f"... {layout} -> (... m) h w", h=heads, m=2)
+                    else:
+                        z = rearrange(z, "... (h d) -> (...) h d", h=heads)  # (T, H, d)
                     gram += channel_gram(rearrange(z, "t h d -> h d t"))
                     seen += 1
             assert seen, f"{d.label}: the brute force caught no F.linear call at {spots}"
@@ -195,7 +206,7 @@ def _check_against_brute_force(model: nn.Module, space: HeadSpace, batches: list
     got = similarity_weights(model, space, batches, "redundancy")
     expected = _brute_force(model, space, batches)
     for label, d in space.dims.items():
-        if d.max_width == 1:  # EVA's q/k unit: one per head, nothing to compare it with
+        if d.max_width == 1:  # EVA's q/k unit with q/k norms: one per head, nothing to compare
             assert torch.equal(got[label], torch.ones_like(got[label]))
             continue
         assert label in expected, f"{label}: no brute-force reading"

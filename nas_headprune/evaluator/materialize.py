@@ -8,6 +8,7 @@ around them. The input model is never modified: the result is a new model.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
@@ -25,13 +26,26 @@ META_ATTR = "nas_headprune_meta"
 BASE_ATTR = "nas_headprune_base"
 
 
-def _flat_indices(idx: torch.Tensor, offset: int, head_stride: int) -> torch.Tensor:
-    """Positions of the kept channels along one axis of a parameter."""
+def _flat_indices(idx: torch.Tensor, offset: int, head_stride: int, channel_stride: int = 1) -> torch.Tensor:
+    """Positions of the kept channels along one axis of a parameter (the rule of
+    :class:`~nas_headprune.space.Slot`)."""
     if idx.dim() == 1:  # MLP hidden units
-        return idx + offset
+        return idx * channel_stride + offset
     heads = idx.shape[0]
     base = torch.arange(heads).unsqueeze(1) * head_stride  # (H, 1)
-    return (base + idx + offset).reshape(-1)  # (H*w,) in (h, w) order
+    return (base + idx * channel_stride + offset).reshape(-1)  # (H*w,) in (h, w) order
+
+
+def _takes_kept(adapter: object) -> bool:
+    """Whether ``adapter.build_pruned`` declares the optional keyword argument ``kept``."""
+    try:
+        params = inspect.signature(getattr(adapter, "build_pruned")).parameters  # noqa: B009
+    except (TypeError, ValueError):
+        return False
+    return "kept" in params and params["kept"].kind in (
+        inspect.Parameter.KEYWORD_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
 
 
 def slice_parameters(
@@ -51,7 +65,7 @@ def slice_parameters(
         idx = selection[label]
         for node in graph.successors(label):
             slot = graph.nodes[node]
-            flat = _flat_indices(idx, slot["offset"], slot["head_stride"])
+            flat = _flat_indices(idx, slot["offset"], slot["head_stride"], slot["channel_stride"])
             gathered[slot["layer"]][(slot["local"], slot["axis"])].append((slot["offset"], flat))
     out: dict[str, dict[str, torch.Tensor]] = {}
     for layer, per_param in gathered.items():
@@ -94,11 +108,19 @@ def materialize(
         unknown = [k for k in scales if k not in space.dims]
         if unknown:
             raise ArchitectureError(f"scales for unknown dimension {unknown[0]!r}")
+        for label, factors in scales.items():
+            d = space.dims[label]
+            if factors.numel() != d.heads * d.max_width:
+                raise ArchitectureError(
+                    f"scales for {label} have shape {tuple(factors.shape)}; expected "
+                    f"({d.heads}, {d.max_width}), one factor per unit of the dimension"
+                )
     params = {name: dict(modules[name].named_parameters()) for name in space.layers}
     sliced = slice_parameters(space, params, selection)
     arch = selection.architecture()
 
     new = copy.deepcopy(model)
+    paths: dict[str, dict[str, str]] = {}
     for name, layer in space.layers.items():
         old = new.get_submodule(name)
         widths = arch.layer_widths(name)
@@ -110,9 +132,19 @@ def materialize(
                 layer_scales[kind] = torch.gather(factors, 1, selection[d.label].to(factors.device))
         if layer_scales:
             layer_params = layer.adapter.fold_scales(layer, widths, layer_params, layer_scales)
-        replacement = layer.adapter.build_pruned(old, layer, widths, layer_params)
+        # the kept indices go to adapters that declare ``kept`` (SpaceAdapter.build_pruned)
+        build: Any = layer.adapter.build_pruned
+        extra = (
+            {"kept": {k: selection[d.label] for k, d in layer.dims.items()}}
+            if _takes_kept(layer.adapter)
+            else {}
+        )
+        replacement: nn.Module = build(old, layer, widths, layer_params, **extra)
         replacement.train(old.training)
         new.set_submodule(name, replacement)
+        recorded: object = getattr(replacement, "attn_paths", None)
+        if isinstance(recorded, dict):
+            paths[name] = dict(recorded)
     base_meta = getattr(model, META_ATTR, None) or {}
     setattr(
         new,
@@ -124,6 +156,9 @@ def materialize(
             # dimensions given reweight scales: some adapters keep them as parameters (q_gamma)
             "scaled": sorted(scales) if scales else [],
             "base": base_meta.get("base", getattr(model, BASE_ATTR, None)),
+            # per attention layer, the path its forward runs on each device type (chosen from the
+            # widths by the adapter, so load_pruned derives the same paths from the architecture)
+            "attention_paths": paths,
         },
     )
     log.debug("materialised %d layers", len(space.layers))
