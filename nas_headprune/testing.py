@@ -357,7 +357,13 @@ class SpaceAdapterTestCase:
                         f"{layer.label}: coupling names {slot.param!r}, which it lacks"
                     )
                     size = params[slot.param].shape[slot.axis]
-                    end = slot.offset + (d.heads - 1) * slot.head_stride + d.max_width
+                    # the last channel of the last head, by the Slot rule, plus one
+                    last = (
+                        slot.offset
+                        + (d.heads - 1) * slot.head_stride
+                        + (d.max_width - 1) * slot.channel_stride
+                    )
+                    end = last + 1
                     assert end <= size, (
                         f"{layer.label}.{slot.param}: {kind} channels reach index {end - 1} on axis "
                         f"{slot.axis}, which has {size}"
