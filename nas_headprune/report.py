@@ -125,7 +125,11 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, str], report_command: s
     )
     dense = _dense_top1(rows)
     if dense:
-        out.write(f"Dense model top-1: {statistics.mean(dense):.2f}%.\n\n")
+        out.write(f"Dense model top-1: {statistics.mean(dense):.2f}%")
+        dense_val = [
+            r["top1_val_dense"] for r in rows if r["status"] == "done" and r.get("top1_val_dense") is not None
+        ]
+        out.write(f" (validation: {statistics.mean(dense_val):.2f}%).\n\n" if dense_val else ".\n\n")
     groups = group_rows(rows)
     out.write(
         "| strategy | budget | variant | seeds | top-1 before fine-tune | top-1 after fine-tune | "
@@ -145,21 +149,27 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, str], report_command: s
         )
     variants = _variants(rows)
     if len(variants) > 1:
+        # choices are made on validation: compare variants on it whenever the trials hold a validation split
+        column, split = (
+            ("top1_val_after", "validation")
+            if any(r.get("top1_val_after") is not None for r in rows)
+            else ("top1_after", "test")
+        )
         out.write("\n## Per variant\n\n")
-        out.write("Difference to the first variant, top-1 after fine-tuning, per strategy and budget.\n\n")
-        out.write("| strategy | budget | variant | top-1 after fine-tune | difference |\n")
+        out.write(
+            f"Difference to the first variant, {split} top-1 after fine-tuning, per strategy and budget.\n\n"
+        )
+        out.write(f"| strategy | budget | variant | {split} top-1 after fine-tune | difference |\n")
         out.write("| --- | --- | --- | --- | --- |\n")
         by_sb: OrderedDict[tuple[str, float], list[Group]] = OrderedDict()
         for g in groups:
             by_sb.setdefault((g.strategy, g.budget), []).append(g)
         for (strategy, budget), gs in by_sb.items():
-            ref = _mean_std(gs[0].values("top1_after"))
+            ref = _mean_std(gs[0].values(column))
             for g in gs:
-                ms = _mean_std(g.values("top1_after"))
+                ms = _mean_std(g.values(column))
                 diff = "" if ms is None or ref is None else f"{ms[0] - ref[0]:+.2f}"
-                out.write(
-                    f"| {strategy} | {budget:g} | {g.variant} | {_fmt(g.values('top1_after'))} | {diff} |\n"
-                )
+                out.write(f"| {strategy} | {budget:g} | {g.variant} | {_fmt(g.values(column))} | {diff} |\n")
     bad = [r for r in rows if r["status"] != "done"]
     if bad:
         out.write("\n## Trials that did not finish\n\n")
