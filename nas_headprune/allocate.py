@@ -38,12 +38,43 @@ def check_reachable(space: HeadSpace, target: float) -> Architecture:
     return smallest
 
 
-def uniform(space: HeadSpace, target: float) -> Architecture:
-    """The largest single keep ratio r (width = r * dense width, rounded down to the step)."""
+def tied_groups(space: HeadSpace, tie_qk_v: bool = False) -> list[tuple[str, ...]]:
+    """The dimension labels that change width together, in the space's order.
+
+    Every dimension alone, except with ``tie_qk_v``: then the ``qk`` and ``v`` dimensions of a layer
+    form one group when they allow the same widths (same heads, dense width, step and minimum), so
+    the layer keeps equal query/key and value widths and the fused attention kernel applies as is.
+    """
+    groups: list[tuple[str, ...]] = []
+    for layer in space.layers.values():
+        qk, v = layer.dims.get("qk"), layer.dims.get("v")
+        tie = (
+            tie_qk_v
+            and qk is not None
+            and v is not None
+            and qk.heads == v.heads
+            and qk.allowed() == v.allowed()
+        )
+        if tie and qk is not None and v is not None:
+            groups.append((qk.label, v.label))
+            groups.extend((d.label,) for kind, d in layer.dims.items() if kind not in ("qk", "v"))
+        else:
+            groups.extend((d.label,) for d in layer.dims.values())
+    return groups
+
+
+def uniform(space: HeadSpace, target: float, tie_qk_v: bool = False) -> Architecture:
+    """The largest single keep ratio r (width = r * dense width, rounded down to the step); with
+    ``tie_qk_v`` a tied group takes the smallest width of its members."""
     check_reachable(space, target)
+    groups = tied_groups(space, tie_qk_v)
 
     def at(r: float) -> Architecture:
-        return Architecture({label: _round_down(r * d.max_width, d) for label, d in space.dims.items()})
+        widths = {label: _round_down(r * d.max_width, d) for label, d in space.dims.items()}
+        for group in groups:
+            w = min(widths[label] for label in group)
+            widths.update(dict.fromkeys(group, w))
+        return Architecture(widths)
 
     lo, hi = 0.0, 1.0
     if float(analytic_cost(space, at(hi)).macs) <= target:
@@ -69,53 +100,60 @@ def _normalised_sorted(space: HeadSpace, scores: Mapping[str, torch.Tensor]) -> 
 
 
 def global_by_score_per_mac(
-    space: HeadSpace, scores: Mapping[str, torch.Tensor], target: float
+    space: HeadSpace, scores: Mapping[str, torch.Tensor], target: float, tie_qk_v: bool = False
 ) -> Architecture:
-    """Greedy: repeatedly narrow the dimension whose next step loses the least score per MAC saved."""
+    """Greedy: repeatedly narrow the dimension whose next step loses the least score per MAC saved.
+
+    With ``tie_qk_v`` a layer's ``qk`` and ``v`` dimensions are one unit (:func:`tied_groups`): a
+    step narrows both, losing the scores of both and saving the MACs of both.
+    """
     check_reachable(space, target)
     ranked = _normalised_sorted(space, scores)
     widths = {label: d.max_width for label, d in space.dims.items()}
     layer_of = {label: split_label(label)[0] for label in space.dims}
     total = float(analytic_cost(space, widths).macs)
+    groups = {group[0]: group for group in tied_groups(space, tie_qk_v)}  # keyed by the first label
+    groups_of_layer: dict[str, list[str]] = {}
+    for key in groups:
+        groups_of_layer.setdefault(layer_of[key], []).append(key)
 
-    def candidate(label: str) -> tuple[float, float, int] | None:
-        d = space.dims[label]
-        w = widths[label]
+    def candidate(key: str) -> tuple[float, float, int] | None:
+        group = groups[key]
+        d = space.dims[key]
+        w = widths[key]  # the members of a group have one width
         allowed = [a for a in d.allowed() if a < w]
         if not allowed:
             return None
         new_w = allowed[-1]
-        layer = space.layers[layer_of[label]]
-        kind = split_label(label)[1]
+        layer = space.layers[layer_of[key]]
         cur = {**{k: widths[dd.label] for k, dd in layer.dims.items()}}
-        after = {**cur, kind: new_w}
+        after = {**cur, **{split_label(label)[1]: new_w for label in group}}
         saved = float(layer.macs(cur)) - float(layer.macs(after))
-        lost = float(ranked[label][:, new_w:w].sum())
+        lost = sum(float(ranked[label][:, new_w:w].sum()) for label in group)
         return (lost / max(saved, 1e-12), saved, new_w)
 
     heap: list[tuple[float, str, int]] = []
-    version = dict.fromkeys(widths, 0)
-    for label in widths:
-        c = candidate(label)
+    version = dict.fromkeys(groups, 0)
+    for key in groups:
+        c = candidate(key)
         if c is not None:
-            heapq.heappush(heap, (c[0], label, 0))
+            heapq.heappush(heap, (c[0], key, 0))
     while total > target and heap:
-        _, label, ver = heapq.heappop(heap)
-        if ver != version[label]:
+        _, key, ver = heapq.heappop(heap)
+        if ver != version[key]:
             continue
-        c = candidate(label)
+        c = candidate(key)
         if c is None:
             continue
         _, saved, new_w = c
-        widths[label] = new_w
+        widths.update(dict.fromkeys(groups[key], new_w))
         total -= saved
-        version[label] += 1
-        layer = space.layers[layer_of[label]]
-        for dd in layer.dims.values():  # a layer's other dimension's saving changed too
-            version[dd.label] += 1 if dd.label != label else 0
-            nc = candidate(dd.label)
+        version[key] += 1
+        for other in groups_of_layer[layer_of[key]]:  # a layer's other units' savings changed too
+            version[other] += 1 if other != key else 0
+            nc = candidate(other)
             if nc is not None:
-                heapq.heappush(heap, (nc[0], dd.label, version[dd.label]))
+                heapq.heappush(heap, (nc[0], other, version[other]))
     arch = Architecture(widths)
     if float(analytic_cost(space, arch).macs) > target:  # pragma: no cover - guarded by reachability
         raise BudgetError("global allocation could not meet the budget")
@@ -127,13 +165,15 @@ def allocate(
     scores: Mapping[str, torch.Tensor],
     target_macs: float,
     mode: Literal["uniform", "global"] = "global",
+    tie_qk_v: bool = False,
 ) -> Architecture:
-    """A head-balanced architecture costing at most ``target_macs``."""
+    """A head-balanced architecture costing at most ``target_macs``; with ``tie_qk_v`` every
+    softmax attention layer keeps equal query/key and value widths (:func:`tied_groups`)."""
     missing = [label for label in space.dims if label not in scores]
     if missing:
         raise UsageError(f"scores are missing dimension {missing[0]!r}")
     if mode == "uniform":
-        return uniform(space, target_macs)
+        return uniform(space, target_macs, tie_qk_v)
     if mode == "global":
-        return global_by_score_per_mac(space, scores, target_macs)
+        return global_by_score_per_mac(space, scores, target_macs, tie_qk_v)
     raise UsageError(f"unknown allocation {mode!r}; choose 'uniform' or 'global'")

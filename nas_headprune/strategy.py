@@ -41,6 +41,14 @@ if TYPE_CHECKING:
     from nas_headprune.space import HeadSpace, Selection
 
 
+def resolve_width_step(step: int | None, device: str) -> int:
+    """A strategy's ``width_step``: as configured, or by default 8 on CUDA (tensor cores run
+    matrix products of multiples of 8 fastest) and 1 on every other device."""
+    if step is not None:
+        return step
+    return 8 if str(device).startswith("cuda") else 1
+
+
 class StrategyConfig(BaseModel):
     """Base of every strategy's ``Config``: unknown fields are errors."""
 
@@ -55,8 +63,18 @@ class ScoringConfig(StrategyConfig):
         description="uniform: one keep ratio for every layer; global: remove the channels with the "
         "lowest score per MAC saved, across layers",
     )
-    width_step: int = Field(1, ge=1, description="per-head widths are multiples of this (8 suits GPUs)")
+    width_step: int | None = Field(
+        None,
+        ge=1,
+        description="per-head widths are multiples of this; default (null): 8 on CUDA, where tensor "
+        "cores want multiples of 8, and 1 elsewhere",
+    )
     min_width: int = Field(1, ge=1, description="smallest per-head width / MLP width kept")
+    tie_qk_v: bool = Field(
+        False,
+        description="keep equal query/key and value widths in every attention layer (the allocator "
+        "narrows both together), so the fused attention kernel runs without padding (docs/speed.md)",
+    )
 
 
 @dataclass
@@ -211,8 +229,8 @@ class ScoringStrategy(Strategy):
         scores = self.score(ctx)
         cfg = self.config
         assert isinstance(cfg, ScoringConfig)
-        space = ctx.space.with_step(cfg.width_step, cfg.min_width)
-        arch = allocate(space, scores, ctx.target_macs, mode=cfg.allocation)
+        space = ctx.space.with_step(resolve_width_step(cfg.width_step, ctx.device), cfg.min_width)
+        arch = allocate(space, scores, ctx.target_macs, mode=cfg.allocation, tie_qk_v=cfg.tie_qk_v)
         selection = space.selection_from_scores(scores, arch)
         return SearchResult(selection, info={"allocation": cfg.allocation})
 

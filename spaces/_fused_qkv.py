@@ -15,9 +15,19 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils._python_dispatch import _len_torch_dispatch_stack
 
 from nas_headprune.evaluator.cost import softmax_attention_macs
-from nas_headprune.space import QUERY_SCALE, DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
+from nas_headprune.space import (
+    QUERY_SCALE,
+    ChannelSink,
+    DimSpec,
+    LayerSpace,
+    MaskSet,
+    Slot,
+    SpaceAdapter,
+    dim_label,
+)
 
 
 def head_widths(module: nn.Module) -> tuple[int, int, int]:
@@ -77,6 +87,22 @@ class FusedQkvAdapter(SpaceAdapter):
             qk += [Slot("qkv.bias", 0, q0, d_qk), Slot("qkv.bias", 0, k0, d_qk)]
             v.append(Slot("qkv.bias", 0, v0, d_v))
         return {"qk": qk, "v": v}
+
+    def watch_channels(
+        self, module: nn.Module, layer: LayerSpace, sink: ChannelSink
+    ) -> list[torch.utils.hooks.RemovableHandle] | None:
+        """q, k and v as the ``qkv`` Linear gives them: a hook on its output (the module's forward
+        calls ``qkv(x)``; adapters whose module bypasses it override this)."""
+        heads = layer.dims["qk"].heads
+        d_qk, d_v = layer.dims["qk"].max_width, layer.dims["v"].max_width
+
+        def read(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            q, k, v = out.split([heads * d_qk, heads * d_qk, heads * d_v], dim=-1)
+            sink("qk", rearrange(q, "... (h d) -> ... h d", h=heads))  # (..., H, d_qk)
+            sink("qk", rearrange(k, "... (h d) -> ... h d", h=heads))  # (..., H, d_qk)
+            sink("v", rearrange(v, "... (h d) -> ... h d", h=heads))  # (..., H, d_v)
+
+        return [cast(nn.Linear, module.qkv).register_forward_hook(read)]
 
     def install_masks(
         self, module: nn.Module, layer: LayerSpace, masks: MaskSet
@@ -180,6 +206,45 @@ def new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+#: the ways :func:`attend` can compute softmax attention (docs/speed.md)
+ATTENTION_PATHS = ("sdpa", "sdpa_padded", "math")
+#: device types a pruned module records a path for
+PATH_DEVICES = ("cpu", "cuda")
+
+
+def attention_path(device_type: str, d_qk: int, d_v: int, fused: bool = True) -> str:
+    """The path :func:`attend` takes for head widths ``d_qk`` / ``d_v`` on ``device_type``.
+
+    The choice follows the measurements of ``benchmarks/bench_attention_paths.py`` (docs/speed.md):
+
+    - ``"math"``: the module asked for unfused attention (timm's ``fused_attn=False``);
+    - ``"sdpa"``: ``scaled_dot_product_attention`` as is. Equal widths on every device; unequal
+      widths on CUDA, whose memory-efficient kernel takes a value width of its own;
+    - ``"sdpa_padded"``: unequal widths on the CPU, where the fused kernel needs one head width and
+      otherwise falls back to a path about twice as slow as the plain matmuls: the narrower of q/k and
+      v is zero-padded to the wider width (zeros add nothing to q.k, and padded value columns are
+      cut from the output), with the dense model's scale passed explicitly.
+    """
+    if not fused:
+        return "math"
+    if d_qk != d_v and device_type == "cpu":
+        return "sdpa_padded"
+    return "sdpa"
+
+
+def attention_paths(d_qk: int, d_v: int, fused: bool = True) -> dict[str, str]:
+    """:func:`attention_path` for every device type in :data:`PATH_DEVICES`."""
+    return {device: attention_path(device, d_qk, d_v, fused) for device in PATH_DEVICES}
+
+
+def _counted() -> bool:
+    """Whether a dispatch mode (FlopCounterMode, the activation tracer) sees the ops. Never while
+    ``torch.compile`` traces: the compiled graph keeps the padded path, without a graph break."""
+    if torch.compiler.is_compiling():
+        return False
+    return _len_torch_dispatch_stack() > 0
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -190,18 +255,37 @@ def attend(
     dropout: nn.Dropout,
     bias: torch.Tensor | None = None,
     is_causal: bool = False,
+    path: str | None = None,
 ) -> torch.Tensor:
     """Softmax attention of q, k ``(B, H, N, d_qk)`` and v ``(B, H, N, d_v)`` -> ``(B, H, N, d_v)``.
 
-    ``bias`` is an additive (or boolean keep-) mask broadcastable to ``(B, H, N, N)``. The fused
-    path is skipped on the CPU when the q/k and v widths differ: its CPU kernel falls back to a
-    path slower than the plain matmuls then.
+    ``bias`` is an additive (or boolean keep-) mask broadcastable to ``(B, H, N, N)``. ``path`` is
+    one of :data:`ATTENTION_PATHS`; ``None`` chooses by :func:`attention_path` for q's device. All
+    paths compute the same function with the given ``scale``.
+
+    Under a dispatch mode (a MACs count, the activation tracer of ``build_space``) the padded path
+    runs as the math path instead, so what is counted is the attention of the kept widths, not the
+    zeros of the padding (docs/speed.md gives what the padding adds).
     """
-    if fused and (q.shape[-1] == v.shape[-1] or q.is_cuda):
+    d_qk, d_v = q.shape[-1], v.shape[-1]
+    if path is None:
+        path = attention_path(q.device.type, d_qk, d_v, fused)
+    if path == "sdpa_padded" and _counted():
+        path = "math"
+    if path == "sdpa_padded":
+        if d_v < d_qk:
+            v = F.pad(v, (0, d_qk - d_v))  # (B, H, N, d_qk), zero columns
+        elif d_qk < d_v:
+            q = F.pad(q, (0, d_v - d_qk))  # (B, H, N, d_v), zero channels add nothing to q.k
+            k = F.pad(k, (0, d_v - d_qk))  # (B, H, N, d_v)
+    if path in ("sdpa", "sdpa_padded"):
         p = dropout.p if dropout.training else 0.0
-        return F.scaled_dot_product_attention(
+        out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=p, is_causal=is_causal, scale=scale
-        )
+        )  # (B, H, N, max(d_qk, d_v)) when padded
+        return out[..., :d_v] if path == "sdpa_padded" else out
+    if path != "math":
+        raise ValueError(f"unknown attention path {path!r}; choose one of {ATTENTION_PATHS}")
     attn = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, N)
     if is_causal:
         n = attn.shape[-1]

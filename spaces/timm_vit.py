@@ -13,15 +13,27 @@ from timm.layers.attention import Attention
 from torch import nn
 
 from nas_headprune.evaluator.cost import mlp_macs
-from nas_headprune.space import DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
+from nas_headprune.space import ChannelSink, DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
 
-from ._fused_qkv import FusedQkvAdapter, attend, head_widths, new_linear, split_qkv
+from ._fused_qkv import (
+    FusedQkvAdapter,
+    attend,
+    attention_path,
+    attention_paths,
+    head_widths,
+    new_linear,
+    split_qkv,
+)
 
 
 class PrunedAttention(nn.Module):
     """Multi-head self-attention whose heads keep ``head_dim_qk`` query/key channels and
     ``head_dim_v`` value channels each. The softmax scale is the dense model's ``1/sqrt(d)``, kept
-    on purpose: the pruned model computes exactly what the masked dense model computes."""
+    on purpose: the pruned model computes exactly what the masked dense model computes.
+
+    ``attn_paths`` records, per device type, which attention path the forward runs (see
+    :func:`~nas_headprune.spaces._fused_qkv.attention_path`); it is chosen here, from the widths, so a
+    saved and reloaded model runs the same path. ``fused_attn=False`` always runs the math path."""
 
     def __init__(
         self,
@@ -43,10 +55,18 @@ class PrunedAttention(nn.Module):
         self.head_dim_v = head_dim_v
         self.scale = scale
         self.fused_attn = fused_attn
+        self.attn_paths = attention_paths(head_dim_qk, head_dim_v)
         self.qkv = nn.Linear(dim, num_heads * (2 * head_dim_qk + head_dim_v), bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(num_heads * head_dim_v, out_dim or dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    def attention_path(self, device_type: str) -> str:
+        """The attention path the forward runs on ``device_type`` (``"cpu"``, ``"cuda"``, ...)."""
+        if not self.fused_attn:
+            return "math"
+        known = self.attn_paths.get(device_type)
+        return known or attention_path(device_type, self.head_dim_qk, self.head_dim_v)
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
@@ -61,6 +81,7 @@ class PrunedAttention(nn.Module):
             dropout=self.attn_drop,
             bias=attn_mask,
             is_causal=is_causal,
+            path=self.attention_path(x.device.type),
         )  # (B, H, N, d_v)
         x = rearrange(x, "b h n d -> b n (h d)")  # (B, N, H*d_v)
         return self.proj_drop(self.proj(x))
@@ -170,6 +191,16 @@ class TimmMlpAdapter(SpaceAdapter):
 
         # on fc2's input: after the activation, so it is exact for any activation
         return [cast(nn.Linear, module.fc2).register_forward_pre_hook(mask_hidden)]
+
+    def watch_channels(
+        self, module: nn.Module, layer: LayerSpace, sink: ChannelSink
+    ) -> list[torch.utils.hooks.RemovableHandle] | None:
+        """The hidden units as ``fc2`` receives them (after the activation, or the gate)."""
+
+        def read(mod: nn.Module, args: tuple) -> None:
+            sink("hidden", args[0])  # (..., m)
+
+        return [cast(nn.Linear, module.fc2).register_forward_pre_hook(read)]
 
     def build_pruned(
         self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]

@@ -114,7 +114,13 @@ def test_strategies_and_config_commands(capsys) -> None:
     assert "nas-headprune" in out
     assert main(["config", "--strategy", "magnitude"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg == {"allocation": "global", "width_step": 1, "min_width": 1, "norm": "l1"}
+    assert cfg == {
+        "allocation": "global",
+        "width_step": None,
+        "min_width": 1,
+        "tie_qk_v": False,
+        "norm": "l1",
+    }
     assert main(["config", "--strategy", "magnitude", "--schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert schema["additionalProperties"] is False

@@ -259,6 +259,34 @@ def macs_table(records: list[Record]) -> list[str]:
     return lines
 
 
+def attention_paths_table(records: list[Record]) -> list[str]:
+    """Per attention shape and device: each path's time, relative to the math path, and the choice."""
+    shapes: dict[tuple, dict[str, Record]] = {}
+    for r in records:
+        key = tuple(r.info[k] for k in ("model", "device", "batch", "heads", "tokens", "d_qk", "d_v"))
+        shapes.setdefault(key, {})[r.info["path"]] = r
+    lines = [
+        "| model | device | batch | heads | tokens | d_qk | d_v | math ms | sdpa ms | sdpa_padded ms "
+        "| math / sdpa | math / sdpa_padded | chosen |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, paths in shapes.items():
+        math_s = paths["math"].seconds if "math" in paths else None
+
+        def cell(name: str, paths: dict[str, Record] = paths) -> str:
+            return _ms(paths[name].seconds) if name in paths else "-"
+
+        def rel(name: str, paths: dict[str, Record] = paths, math_s: float | None = math_s) -> str:
+            return _ratio(math_s / paths[name].seconds) if name in paths and math_s else "-"
+
+        chosen = next(iter(paths.values())).info["chosen"]
+        lines.append(
+            "| " + " | ".join(str(k) for k in key) + f" | {cell('math')} | {cell('sdpa')} "
+            f"| {cell('sdpa_padded')} | {rel('sdpa')} | {rel('sdpa_padded')} | {chosen} |"
+        )
+    return lines
+
+
 def _section(title: str, intro: str, table: list[str]) -> list[str]:
     return [f"## {title}", "", intro, "", *table, ""]
 
@@ -288,6 +316,15 @@ def summary_lines(collector: Collector, stat: str) -> list[str]:
             "entropy, backward and one AdamW step. What one step of a strategy is, is said in the third "
             "column; a strategy without steps is timed as a whole search, in dense-step units.",
             search_table(search),
+        )
+    paths = collector.of("attention_paths")
+    if paths:
+        out += _section(
+            "Attention paths for unequal q/k and v head widths",
+            "One call of `attend` on q, k, v split from one projection, as pruned layers produce "
+            "them. Ratios above 1 are faster than the math path; `chosen` is the path "
+            "`attention_path` picks for the shape on that device (docs/speed.md).",
+            attention_paths_table(paths),
         )
     macs = collector.of("macs_count")
     if macs:

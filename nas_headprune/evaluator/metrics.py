@@ -3,8 +3,8 @@
 :func:`evaluate` gives top-1 / top-5 accuracy and mean cross entropy over a loader; under
 ``torch.distributed`` each rank evaluates its shard and the counts are summed across ranks.
 :func:`measure_throughput` times several models on one shared input, interleaved round by round so
-they share the machine's noise, and reports speed-ups relative to the first model. Speed is
-reported, never asserted.
+they share the machine's noise, and reports speed-ups relative to the first model, with the
+attention paths each model runs (:func:`attention_paths`). Speed is reported, never asserted.
 """
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ from torch import nn
 
 from nas_headprune.errors import UsageError
 
-__all__ = ["count_params", "evaluate", "measure_throughput", "resolve_device", "split_batch"]
+__all__ = [
+    "attention_paths",
+    "count_params",
+    "evaluate",
+    "measure_throughput",
+    "resolve_device",
+    "split_batch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +142,27 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def attention_paths(model: nn.Module, device: str | torch.device = "cpu") -> dict[str, str]:
+    """Per module path, the attention path (``"sdpa"``, ``"sdpa_padded"``, ``"math"``) that each
+    pruned attention module of ``model`` runs on ``device``: the modules that say so through an
+    ``attention_path(device_type)`` method (the project's pruned attention). Empty for a model
+    without such modules."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        method = getattr(module, "attention_path", None)
+        if callable(method):
+            out[name] = str(method(dev.type))
+    return out
+
+
+def _path_counts(model: nn.Module, device: torch.device) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for path in attention_paths(model, device).values():
+        counts[path] = counts.get(path, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -155,13 +183,15 @@ def measure_throughput(
     warmup: int = 3,
     iters: int = 10,
     threads: int | None = None,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Time forward passes of several models on one shared random input of ``(batch_size, *input_shape)``.
 
     Each round runs every model once, the order rotated from round to round, so slow spells of the
     machine hit all models alike. Returns, per model name, ``ms_per_batch`` (median over ``iters``
     rounds), ``images_per_s`` and ``speedup`` (the first model's median time over this one's; 1.0 for
-    the first). The models are moved to ``device`` and run in eval mode under ``torch.inference_mode``;
+    the first), plus ``attention_paths`` (how many attention modules run each path on ``device``, see
+    :func:`attention_paths`) for a model that has pruned attention. The models are moved to ``device``
+    and run in eval mode under ``torch.inference_mode``;
     each is given back in the train/eval mode it had. ``threads`` sets torch's CPU threads for the
     measurement and restores the previous value afterwards.
     """
@@ -216,7 +246,7 @@ def measure_throughput(
 
     medians = {name: statistics.median(times[name]) for name in names}
     reference = medians[names[0]]
-    result: dict[str, dict[str, float]] = {}
+    result: dict[str, dict[str, Any]] = {}
     for name in names:
         seconds = medians[name]
         result[name] = {
@@ -224,5 +254,8 @@ def measure_throughput(
             "images_per_s": batch_size / seconds if seconds > 0 else math.inf,
             "speedup": 1.0 if name == names[0] else (reference / seconds if seconds > 0 else math.inf),
         }
+        paths = _path_counts(models[name], dev)
+        if paths:
+            result[name]["attention_paths"] = paths
         logger.debug("throughput %s: %.3f ms per batch of %d", name, 1000.0 * seconds, batch_size)
     return result

@@ -1,0 +1,397 @@
+"""Are pruned models as fast as their MACs promise? Throughput of pruned models against dense.
+
+    python benchmarks/bench_speed.py [--seeds 0 1 2] [--report docs/results/speed.md]
+
+In one run, at 50% of the dense MACs, with torch on 1 thread:
+
+- **Models.** The embedded Fashion-MNIST ViT (trained) and ``deit_tiny_patch16_224`` at 224x224
+  (random weights), pruned by this project's ``magnitude`` and ``taylor`` strategies in these
+  variants: ``math path`` (the default architecture with unequal-width layers forced onto the math
+  path, which is what ran before the padded path existed), ``default`` (the default architecture,
+  attention paths as chosen at materialisation), ``tie_qk_v`` (``strategy_options.tie_qk_v=true``)
+  and ``tie_qk_v + step 8`` (``tie_qk_v`` and ``width_step=8``); next to them Torch-Pruning 1.6.1's
+  global head-dim pruning with L2 and with Taylor importance at the same MACs (bisection on its
+  pruning ratio; benchmark-only extra ``bench``, see ``benchmarks/_torch_pruning_glue.py``).
+- **Speed.** Throughput ratios pruned / dense at batch 1 and 64, every model of one table timed
+  interleaved (``nas_headprune.evaluator.metrics.measure_throughput``: rotated order per round,
+  medians), next to the ideal ratio dense MACs / pruned MACs (both counted by ``measure_macs``).
+  ``executed MACs`` adds the zeros the padded attention path multiplies.
+- **Accuracy** (embedded ViT only). Ours: the normal pipeline, ``run_search`` with the ``default``
+  config at budget 0.5 (search, least-squares reweight, 150-step distilled fine-tune), one run folder
+  per strategy, variant and seed under ``--root`` (finished runs are reused). Torch-Pruning's: the
+  same fine-tune config and teacher through the project's ``finetune`` and ``evaluate`` (no
+  reweight step: that step needs this project's selection). Top-1 on the 10k test set, mean and
+  standard deviation over the seeds. The timed models are the seed-0 ones.
+
+deit_tiny has random weights, so its rows are about speed only; its Taylor scores (both projects')
+come from two batches of 16 random images with random labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _torch_pruning_glue import prune_to_macs  # noqa: E402
+
+from nas_headprune.config import load_config  # noqa: E402
+from nas_headprune.evaluator.materialize import materialize  # noqa: E402
+from nas_headprune.evaluator.measure import measure_macs  # noqa: E402
+from nas_headprune.evaluator.metrics import attention_paths, measure_throughput  # noqa: E402
+from nas_headprune.io import load_pruned  # noqa: E402
+from nas_headprune.models.factory import create_model  # noqa: E402
+from nas_headprune.registry import make_strategy  # noqa: E402
+from nas_headprune.space import build_space  # noqa: E402
+from nas_headprune.strategy import SearchContext, validate_result  # noqa: E402
+
+BUDGET = 0.5
+STRATEGIES = ("magnitude", "taylor")
+#: our variants: name -> strategy options
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "tie_qk_v": {"tie_qk_v": True},
+    "tie_qk_v + step 8": {"tie_qk_v": True, "width_step": 8},
+}
+MATH = "math path"
+TP_IMPORTANCES = {
+    "l2": "Torch-Pruning L2 head-dim, global",
+    "taylor": "Torch-Pruning Taylor head-dim, global",
+}
+
+
+@dataclass
+class Row:
+    """One pruned model of a table: how it was made, its model for timing, its accuracy per seed."""
+
+    label: str
+    options: str
+    model: nn.Module
+    accuracy: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> before / after
+
+
+def _force_math(model: nn.Module) -> nn.Module:
+    """A copy whose unequal-width attention layers run the math path (the path before this change)."""
+    out = copy.deepcopy(model)
+    for module in out.modules():
+        paths = getattr(module, "attn_paths", None)
+        if isinstance(paths, dict) and module.head_dim_qk != module.head_dim_v:
+            module.attn_paths = {**paths, "cpu": "math"}
+    return out
+
+
+def executed_macs(model: nn.Module, input_size: tuple[int, ...], macs: int) -> int:
+    """``macs`` plus the multiplications with padding zeros that the CPU attention paths run."""
+    extra = 0
+    tokens: dict[str, int] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if callable(getattr(module, "attention_path", None)) and hasattr(module, "head_dim_qk"):
+            hooks.append(
+                module.register_forward_pre_hook(
+                    lambda m, args, name=name: tokens.__setitem__(name, args[0].shape[1])
+                )
+            )
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, path in attention_paths(model, "cpu").items():
+        module = model.get_submodule(name)
+        if path == "sdpa_padded":
+            n = tokens[name]
+            extra += module.num_heads * n * n * abs(module.head_dim_qk - module.head_dim_v)
+    return macs + extra
+
+
+# --------------------------------------------------------------------------- embedded ViT
+def _data(seed: int) -> tuple[Any, Any, Any, Any, tuple[int, ...]]:
+    """The default config's loaders and calibration batches for ``seed``, as ``run_search`` makes them."""
+    from nas_headprune import data as data_mod
+    from nas_headprune.runner import load_base_model, resolve_data
+
+    cfg = load_config("default", [f"seed={seed}"])
+    _, record = load_base_model(cfg)
+    data_cfg = resolve_data(cfg, record)
+    torch.manual_seed(seed)
+    bundle = data_mod.load_datasets(data_cfg, seed=seed)
+    train_loader, test_loader = data_mod.make_loaders(bundle, data_cfg, seed=seed)
+    calib = data_mod.calibration_batches(bundle, data_cfg, seed=seed)
+    return cfg, train_loader, test_loader, calib, data_mod.input_size(bundle)
+
+
+def embedded_rows(seeds: list[int], root: Path, log: Any) -> tuple[nn.Module, tuple[int, ...], list[Row]]:
+    from nas_headprune.evaluator.finetune import finetune
+    from nas_headprune.evaluator.metrics import evaluate
+    from nas_headprune.runner import load_base_model, run_search
+
+    dense, _ = load_base_model(load_config("default", []))
+    dense.eval()
+    rows: dict[tuple[str, str], Row] = {}
+    for strategy in STRATEGIES:
+        for variant, options in VARIANTS.items():
+            for seed in seeds:
+                overrides = [
+                    f"strategy={strategy}",
+                    f"budget={BUDGET}",
+                    f"seed={seed}",
+                    "progress=false",
+                    *(f"strategy_options.{k}={str(v).lower()}" for k, v in options.items()),
+                ]
+                folder = root / f"{strategy}-{variant.replace(' + ', '-').replace(' ', '')}-s{seed}"
+                t0 = time.perf_counter()
+                result = run_search(load_config("default", overrides), folder)
+                log(f"  {strategy} {variant} seed {seed}: {time.perf_counter() - t0:.0f} s")
+                key = (strategy, variant)
+                if key not in rows:
+                    model = load_pruned(folder / "model").eval()
+                    rows[key] = Row(strategy, variant, model)
+                rows[key].accuracy[seed] = {
+                    "before": result["pruned"]["before_finetune"]["top1"],
+                    "after": result["pruned"]["after_finetune"]["top1"],
+                }
+    cfg, _, _, calib, size = _data(seeds[0])
+    dense_macs = measure_macs(dense, size)
+    out: list[Row] = []
+    for strategy in STRATEGIES:
+        default = rows[(strategy, "default")]
+        out.append(Row(strategy, MATH, _force_math(default.model), default.accuracy))
+        out.extend(rows[(strategy, variant)] for variant in VARIANTS)
+    for importance, label in TP_IMPORTANCES.items():
+        row: Row | None = None
+        for seed in seeds:
+            cfg, train_loader, test_loader, calib, size = _data(seed)
+            t0 = time.perf_counter()
+            pruned, ratio = prune_to_macs(dense, size, BUDGET * dense_macs, importance, calib, steps=12)
+            before = evaluate(pruned, test_loader)["top1"]
+            finetune(
+                pruned,
+                train_loader,
+                cfg.finetune,
+                seed=seed,
+                device="cpu",
+                teacher=dense if cfg.finetune.distill else None,
+                progress=False,
+            )
+            pruned.eval()
+            after = evaluate(pruned, test_loader)["top1"]
+            log(f"  Torch-Pruning {importance} seed {seed}: {time.perf_counter() - t0:.0f} s")
+            if row is None:
+                row = Row(label, f"pruning_ratio {ratio:.3f}", pruned)
+            row.accuracy[seed] = {"before": before, "after": after}
+        assert row is not None
+        out.append(row)
+    return dense, size, out
+
+
+# --------------------------------------------------------------------------- deit_tiny at 224
+def deit_rows(log: Any) -> tuple[nn.Module, tuple[int, ...], list[Row]]:
+    torch.manual_seed(0)
+    dense = create_model("deit_tiny_patch16_224").eval()  # random weights
+    size = (3, 224, 224)
+    gen = torch.Generator().manual_seed(0)
+    calib = [
+        (torch.randn(16, *size, generator=gen), torch.randint(0, 1000, (16,), generator=gen))
+        for _ in range(2)
+    ]
+    dense_macs = measure_macs(dense, size)
+    space = build_space(dense, size)
+    out: list[Row] = []
+    for strategy in STRATEGIES:
+        ctx = SearchContext(
+            model=dense, space=space, budget=BUDGET, dense_macs=dense_macs, calib=calib, seed=0
+        )
+        for variant, options in VARIANTS.items():
+            t0 = time.perf_counter()
+            selection, _ = validate_result(strategy, ctx, make_strategy(strategy, options).search(ctx))
+            model = materialize(dense, space, selection).eval()
+            if variant == "default":
+                out.append(Row(strategy, MATH, _force_math(model)))
+            out.append(Row(strategy, variant, model))
+            log(f"  deit {strategy} {variant}: {time.perf_counter() - t0:.0f} s")
+    for importance, label in TP_IMPORTANCES.items():
+        t0 = time.perf_counter()
+        pruned, ratio = prune_to_macs(dense, size, BUDGET * dense_macs, importance, calib, steps=12)
+        out.append(Row(label, f"pruning_ratio {ratio:.3f}", pruned.eval()))
+        log(f"  deit Torch-Pruning {importance}: {time.perf_counter() - t0:.0f} s")
+    return dense, size, out
+
+
+# --------------------------------------------------------------------------- report
+def _acc(row: Row, key: str) -> str:
+    values = [a[key] for a in row.accuracy.values()]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(
+    name: str,
+    dense: nn.Module,
+    size: tuple[int, ...],
+    rows: list[Row],
+    iters: dict[int, int],
+    with_accuracy: bool,
+    dense_accuracy: float | None,
+) -> list[str]:
+    dense_macs = measure_macs(dense, size)
+    models = {"dense": dense, **{f"{i}": r.model for i, r in enumerate(rows)}}
+    speed = {}
+    for batch, n in iters.items():
+        speed[batch] = measure_throughput(models, size, batch_size=batch, warmup=2, iters=n, threads=1)
+    lines = [
+        f"### {name}",
+        "",
+        f"Dense: {dense_macs:,} MACs per image; {speed[1]['dense']['images_per_s']:.0f} images/s at "
+        f"batch 1 and {speed[64]['dense']['images_per_s']:.0f} at batch 64"
+        + (f"; top-1 {dense_accuracy:.2f}%" if dense_accuracy is not None else "")
+        + ". Medians of "
+        + " and ".join(f"{n} interleaved rounds at batch {b}" for b, n in iters.items())
+        + ".",
+        "",
+    ]
+    head = "| pruned by | variant | MACs | executed MACs | ideal | speed-up b1 | speed-up b64 | b64 / ideal | attention paths (CPU) |"
+    if with_accuracy:
+        head += " top-1 before fine-tune | top-1 after fine-tune |"
+    lines += [head, "|" + " --- |" * (head.count("|") - 1)]
+    for i, row in enumerate(rows):
+        macs = measure_macs(row.model, size)
+        executed = executed_macs(row.model, size, macs)
+        ideal = dense_macs / macs
+        s1, s64 = speed[1][str(i)]["speedup"], speed[64][str(i)]["speedup"]
+        paths = speed[64][str(i)].get("attention_paths", {})
+        cells = [
+            row.label,
+            row.options,
+            f"{macs / dense_macs:.3f}",
+            f"{executed / dense_macs:.3f}",
+            f"{ideal:.2f}x",
+            f"{s1:.2f}x",
+            f"{s64:.2f}x",
+            f"{s64 / ideal:.2f}",
+            ", ".join(f"{k} {v}" for k, v in paths.items()) or "-",
+        ]
+        if with_accuracy:
+            cells += [_acc(row, "before"), _acc(row, "after")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def architectures(rows: list[Row]) -> list[str]:
+    """Per row, the widths it kept: head widths (q/k / v) and MLP units per block."""
+    lines = [
+        "| pruned by | variant | per block: d_qk/d_v, MLP units (embedding width) |",
+        "| --- | --- | --- |",
+    ]
+    for row in rows:
+        if row.options == MATH:
+            continue
+        parts = []
+        for block in getattr(row.model, "blocks", []):
+            attn, mlp = block.attn, block.mlp
+            parts.append(f"{attn.head_dim_qk}/{attn.head_dim_v}, {mlp.fc1.out_features}")
+        embed = row.model.blocks[0].norm1.normalized_shape[0]
+        lines.append(f"| {row.label} | {row.options} | {'; '.join(parts)} ({embed}) |")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fine-tune seeds (embedded ViT)")
+    p.add_argument("--root", default="runs/bench_speed", help="run folders of our pipeline runs")
+    p.add_argument("--report", default=None, help="also write the Markdown to this file")
+    p.add_argument("--skip-deit", action="store_true", help="only the embedded ViT")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()
+
+    def log(msg: str) -> None:
+        print(f"[{(time.perf_counter() - t_start) / 60:5.1f} min] {msg}", flush=True)
+
+    log("embedded ViT: pipeline runs and Torch-Pruning fine-tunes")
+    dense, size, rows = embedded_rows(args.seeds, Path(args.root), log)
+    dense_top1 = None
+    result = Path(args.root) / f"magnitude-default-s{args.seeds[0]}" / "result.json"
+    if result.is_file():
+        import json
+
+        dense_top1 = json.loads(result.read_text())["dense"]["top1"]
+    log("embedded ViT: timing")
+    text = table(
+        "Embedded Fashion-MNIST ViT (trained), 50% MACs",
+        dense,
+        size,
+        rows,
+        {1: 300, 64: 150},
+        True,
+        dense_top1,
+    )
+    text += architectures(rows)
+    if not args.skip_deit:
+        log("deit_tiny: pruning")
+        d_dense, d_size, d_rows = deit_rows(log)
+        log("deit_tiny: timing")
+        text += table(
+            "deit_tiny_patch16_224 at 224x224 (random weights), 50% MACs",
+            d_dense,
+            d_size,
+            d_rows,
+            {1: 30, 64: 7},
+            False,
+            None,
+        )
+        text += architectures(d_rows)
+    minutes = (time.perf_counter() - t_start) / 60
+    load_after = os.getloadavg()
+    cmd = "python benchmarks/bench_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    import torch_pruning
+
+    header = [
+        "# Speed of pruned models against their MACs, with Torch-Pruning side by side",
+        "",
+        f"Command: `{cmd.strip()}` ({minutes:.1f} minutes).",
+        "",
+        f"torch {torch.__version__}, Torch-Pruning {getattr(torch_pruning, '__version__', '?')} "
+        f"(package 1.6.1), {platform.machine()}, {os.cpu_count()} cores shared with other work; torch "
+        f"on 1 thread. Load average (1, 5, 15 min) {tuple(round(x, 2) for x in load_before)} at the "
+        f"start and {tuple(round(x, 2) for x in load_after)} at the end. CUDA: "
+        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "none present, no CUDA rows")
+        + ".",
+        "",
+        "Speed-ups are pruned / dense throughput (medians of interleaved rounds); ideal is dense MACs / "
+        "pruned MACs. Accuracy: top-1 (%) on the 10k Fashion-MNIST test set, mean ± standard "
+        f"deviation over seeds {', '.join(map(str, args.seeds))}; the timed models are the seed-"
+        f"{args.seeds[0]} ones.",
+        "",
+    ]
+    report = "\n".join(header + text)
+    print(report)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
