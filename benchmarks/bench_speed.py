@@ -137,7 +137,9 @@ def _data(seed: int) -> tuple[Any, Any, Any, Any, tuple[int, ...]]:
     return cfg, train_loader, test_loader, calib, data_mod.input_size(bundle)
 
 
-def embedded_rows(seeds: list[int], root: Path, log: Any) -> tuple[nn.Module, tuple[int, ...], list[Row]]:
+def embedded_rows(
+    seeds: list[int], root: Path, log: Any, reused: list[str]
+) -> tuple[nn.Module, tuple[int, ...], list[Row]]:
     from nas_headprune.evaluator.finetune import finetune
     from nas_headprune.evaluator.metrics import evaluate
     from nas_headprune.runner import load_base_model, run_search
@@ -157,6 +159,8 @@ def embedded_rows(seeds: list[int], root: Path, log: Any) -> tuple[nn.Module, tu
                 ]
                 folder = root / f"{strategy}-{variant.replace(' + ', '-').replace(' ', '')}-s{seed}"
                 t0 = time.perf_counter()
+                if (folder / "result.json").is_file():
+                    reused.append(folder.name)
                 result = run_search(load_config("default", overrides), folder)
                 log(f"  {strategy} {variant} seed {seed}: {time.perf_counter() - t0:.0f} s")
                 key = (strategy, variant)
@@ -330,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{(time.perf_counter() - t_start) / 60:5.1f} min] {msg}", flush=True)
 
     log("embedded ViT: pipeline runs and Torch-Pruning fine-tunes")
-    dense, size, rows = embedded_rows(args.seeds, Path(args.root), log)
+    reused: list[str] = []
+    dense, size, rows = embedded_rows(args.seeds, Path(args.root), log, reused)
     dense_top1 = None
     result = Path(args.root) / f"magnitude-default-s{args.seeds[0]}" / "result.json"
     if result.is_file():
@@ -365,15 +370,22 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - t_start) / 60
     load_after = os.getloadavg()
     cmd = "python benchmarks/bench_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    import torch_pruning
+    from importlib.metadata import version
 
     header = [
         "# Speed of pruned models against their MACs, with Torch-Pruning side by side",
         "",
-        f"Command: `{cmd.strip()}` ({minutes:.1f} minutes).",
+        f"Command: `{cmd.strip()}` ({minutes:.1f} minutes"
+        + (
+            f"; {len(reused)} of our pipeline runs were finished run folders of an earlier run of "
+            "this command under `--root`, reused as `run_search` does"
+            if reused
+            else ""
+        )
+        + ").",
         "",
-        f"torch {torch.__version__}, Torch-Pruning {getattr(torch_pruning, '__version__', '?')} "
-        f"(package 1.6.1), {platform.machine()}, {os.cpu_count()} cores shared with other work; torch "
+        f"torch {torch.__version__}, Torch-Pruning {version('torch-pruning')}, {platform.machine()}, "
+        f"{os.cpu_count()} cores shared with other work; torch "
         f"on 1 thread. Load average (1, 5, 15 min) {tuple(round(x, 2) for x in load_before)} at the "
         f"start and {tuple(round(x, 2) for x in load_after)} at the end. CUDA: "
         + (torch.cuda.get_device_name() if torch.cuda.is_available() else "none present, no CUDA rows")
