@@ -21,7 +21,8 @@ In one run, at 50% of the dense MACs, with torch on 1 thread:
   per strategy, variant and seed under ``--root`` (finished runs are reused). Torch-Pruning's: the
   same fine-tune config and teacher through the project's ``finetune`` and ``evaluate`` (no
   reweight step: that step needs this project's selection). Top-1 on the 10k test set, mean and
-  standard deviation over the seeds. The timed models are the seed-0 ones.
+  standard deviation over the seeds. These runs and fine-tunes go to ``--workers`` processes with
+  1 thread each; the timing runs afterwards, alone. The timed models are those of the first seed.
 
 deit_tiny has random weights, so its rows are about speed only; its Taylor scores (both projects')
 come from two batches of 16 random images with random labels.
@@ -48,7 +49,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _torch_pruning_glue import prune_to_macs  # noqa: E402
+from _torch_pruning_glue import prune_at_ratio, prune_to_macs  # noqa: E402
 
 from nas_headprune.config import load_config  # noqa: E402
 from nas_headprune.evaluator.materialize import materialize  # noqa: E402
@@ -137,72 +138,117 @@ def _data(seed: int) -> tuple[Any, Any, Any, Any, tuple[int, ...]]:
     return cfg, train_loader, test_loader, calib, data_mod.input_size(bundle)
 
 
-def embedded_rows(
-    seeds: list[int], root: Path, log: Any, reused: list[str]
-) -> tuple[nn.Module, tuple[int, ...], list[Row]]:
+def _folder(root: Path, strategy: str, variant: str, seed: int) -> Path:
+    return root / f"{strategy}-{variant.replace(' + ', '-').replace(' ', '')}-s{seed}"
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def pipeline_job(strategy: str, variant: str, seed: int, root: str) -> dict[str, Any]:
+    """One ``run_search`` (default config, budget 0.5) into its run folder; its top-1 and time."""
+    from nas_headprune.runner import run_search
+
+    overrides = [
+        f"strategy={strategy}",
+        f"budget={BUDGET}",
+        f"seed={seed}",
+        "progress=false",
+        *(f"strategy_options.{k}={str(v).lower()}" for k, v in VARIANTS[variant].items()),
+    ]
+    t0 = time.perf_counter()
+    result = run_search(load_config("default", overrides), _folder(Path(root), strategy, variant, seed))
+    return {
+        "before": result["pruned"]["before_finetune"]["top1"],
+        "after": result["pruned"]["after_finetune"]["top1"],
+        "dense": result["dense"]["top1"],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def torch_pruning_job(importance: str, seed: int, keep_weights: bool) -> dict[str, Any]:
+    """Torch-Pruning at the budget, then the default config's fine-tune and evaluation."""
     from nas_headprune.evaluator.finetune import finetune
     from nas_headprune.evaluator.metrics import evaluate
-    from nas_headprune.runner import load_base_model, run_search
+    from nas_headprune.runner import load_base_model
+
+    t0 = time.perf_counter()
+    dense, _ = load_base_model(load_config("default", []))
+    dense.eval()
+    cfg, train_loader, test_loader, calib, size = _data(seed)
+    target = BUDGET * measure_macs(dense, size)
+    pruned, ratio = prune_to_macs(dense, size, target, importance, calib, steps=12)
+    before = evaluate(pruned, test_loader)["top1"]
+    finetune(
+        pruned,
+        train_loader,
+        cfg.finetune,
+        seed=seed,
+        device="cpu",
+        teacher=dense if cfg.finetune.distill else None,
+        progress=False,
+    )
+    after = evaluate(pruned, test_loader)["top1"]
+    weights = {k: v.clone() for k, v in pruned.state_dict().items()} if keep_weights else None
+    return {
+        "before": before,
+        "after": after,
+        "ratio": ratio,
+        "weights": weights,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def embedded_rows(
+    seeds: list[int], root: Path, log: Any, reused: list[str], workers: int
+) -> tuple[nn.Module, tuple[int, ...], list[Row], float | None]:
+    """Our pipeline runs and Torch-Pruning's fine-tunes (in ``workers`` processes), then the rows."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from nas_headprune.runner import load_base_model
+
+    jobs: dict[tuple[str, str, int], Any] = {}
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        for importance in TP_IMPORTANCES:  # the longest jobs first
+            for seed in seeds:
+                jobs["tp", importance, seed] = pool.submit(
+                    torch_pruning_job, importance, seed, seed == seeds[0]
+                )
+        for strategy in STRATEGIES:
+            for variant in VARIANTS:
+                for seed in seeds:
+                    if (_folder(root, strategy, variant, seed) / "result.json").is_file():
+                        reused.append(_folder(root, strategy, variant, seed).name)
+                    jobs[strategy, variant, seed] = pool.submit(
+                        pipeline_job, strategy, variant, seed, str(root)
+                    )
+        results = {}
+        for key, job in jobs.items():
+            results[key] = job.result()
+            log(f"  {' '.join(map(str, key))}: {results[key]['seconds']:.0f} s")
 
     dense, _ = load_base_model(load_config("default", []))
     dense.eval()
-    rows: dict[tuple[str, str], Row] = {}
-    for strategy in STRATEGIES:
-        for variant, options in VARIANTS.items():
-            for seed in seeds:
-                overrides = [
-                    f"strategy={strategy}",
-                    f"budget={BUDGET}",
-                    f"seed={seed}",
-                    "progress=false",
-                    *(f"strategy_options.{k}={str(v).lower()}" for k, v in options.items()),
-                ]
-                folder = root / f"{strategy}-{variant.replace(' + ', '-').replace(' ', '')}-s{seed}"
-                t0 = time.perf_counter()
-                if (folder / "result.json").is_file():
-                    reused.append(folder.name)
-                result = run_search(load_config("default", overrides), folder)
-                log(f"  {strategy} {variant} seed {seed}: {time.perf_counter() - t0:.0f} s")
-                key = (strategy, variant)
-                if key not in rows:
-                    model = load_pruned(folder / "model").eval()
-                    rows[key] = Row(strategy, variant, model)
-                rows[key].accuracy[seed] = {
-                    "before": result["pruned"]["before_finetune"]["top1"],
-                    "after": result["pruned"]["after_finetune"]["top1"],
-                }
-    cfg, _, _, calib, size = _data(seeds[0])
-    dense_macs = measure_macs(dense, size)
     out: list[Row] = []
     for strategy in STRATEGIES:
-        default = rows[(strategy, "default")]
-        out.append(Row(strategy, MATH, _force_math(default.model), default.accuracy))
-        out.extend(rows[(strategy, variant)] for variant in VARIANTS)
+        for variant in VARIANTS:
+            model = load_pruned(_folder(root, strategy, variant, seeds[0]) / "model").eval()
+            acc = {seed: results[strategy, variant, seed] for seed in seeds}
+            if variant == "default":
+                out.append(Row(strategy, MATH, _force_math(model), acc))
+            out.append(Row(strategy, variant, model, acc))
+    _, _, _, calib, size = _data(seeds[0])
     for importance, label in TP_IMPORTANCES.items():
-        row: Row | None = None
-        for seed in seeds:
-            cfg, train_loader, test_loader, calib, size = _data(seed)
-            t0 = time.perf_counter()
-            pruned, ratio = prune_to_macs(dense, size, BUDGET * dense_macs, importance, calib, steps=12)
-            before = evaluate(pruned, test_loader)["top1"]
-            finetune(
-                pruned,
-                train_loader,
-                cfg.finetune,
-                seed=seed,
-                device="cpu",
-                teacher=dense if cfg.finetune.distill else None,
-                progress=False,
-            )
-            pruned.eval()
-            after = evaluate(pruned, test_loader)["top1"]
-            log(f"  Torch-Pruning {importance} seed {seed}: {time.perf_counter() - t0:.0f} s")
-            if row is None:
-                row = Row(label, f"pruning_ratio {ratio:.3f}", pruned)
-            row.accuracy[seed] = {"before": before, "after": after}
-        assert row is not None
-        out.append(row)
-    return dense, size, out
+        first = results["tp", importance, seeds[0]]
+        # the seed-0 fine-tuned model: the same pruning rebuilds its structure, then its weights
+        model = prune_at_ratio(dense, size, first["ratio"], importance, calib)
+        model.load_state_dict(first["weights"])
+        acc = {seed: results["tp", importance, seed] for seed in seeds}
+        out.append(Row(label, f"pruning_ratio {first['ratio']:.3f}", model.eval(), acc))
+    dense_top1 = results[STRATEGIES[0], "default", seeds[0]]["dense"]
+    return dense, size, out, dense_top1
 
 
 # --------------------------------------------------------------------------- deit_tiny at 224
@@ -325,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default="runs/bench_speed", help="run folders of our pipeline runs")
     p.add_argument("--report", default=None, help="also write the Markdown to this file")
     p.add_argument("--skip-deit", action="store_true", help="only the embedded ViT")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="processes for the pipeline runs and fine-tunes, 1 thread each (timing always runs alone)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -335,13 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log("embedded ViT: pipeline runs and Torch-Pruning fine-tunes")
     reused: list[str] = []
-    dense, size, rows = embedded_rows(args.seeds, Path(args.root), log, reused)
-    dense_top1 = None
-    result = Path(args.root) / f"magnitude-default-s{args.seeds[0]}" / "result.json"
-    if result.is_file():
-        import json
-
-        dense_top1 = json.loads(result.read_text())["dense"]["top1"]
+    dense, size, rows, dense_top1 = embedded_rows(args.seeds, Path(args.root), log, reused, args.workers)
     log("embedded ViT: timing")
     text = table(
         "Embedded Fashion-MNIST ViT (trained), 50% MACs",

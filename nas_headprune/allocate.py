@@ -1,11 +1,16 @@
-"""The shared allocator: channel scores + MACs budget -> a head-balanced architecture."""
+"""The shared allocator: channel scores + a budget -> a head-balanced architecture.
+
+The budget is in MACs by default (:class:`MacsCost`); any :class:`CostModel` whose cost is a fixed
+part plus a sum over layers can replace it, such as the measured latency table of
+:mod:`nas_headprune.evaluator.latency` (``budget_kind: latency``).
+"""
 
 from __future__ import annotations
 
 import heapq
 import logging
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -20,20 +25,56 @@ class BudgetError(UsageError):
     """The budget cannot be met within the space's minimum widths."""
 
 
+class CostModel(Protocol):
+    """What the allocator spends a budget on: a per-layer cost and the whole architecture's cost.
+
+    ``total(space, arch)`` must equal a fixed part plus the sum of ``layer`` over the space's layers
+    (up to a constant factor the model applies to both), so that a step's saving is the change of
+    its layer's cost.
+    """
+
+    unit: str
+
+    def layer(self, space: HeadSpace, name: str, widths: Mapping[str, int]) -> float: ...
+
+    def total(self, space: HeadSpace, arch: Mapping[str, int]) -> float: ...
+
+    def dense(self, space: HeadSpace) -> float: ...
+
+
+class MacsCost:
+    """The default budget: analytic MACs per image (:func:`~nas_headprune.evaluator.cost.analytic_cost`)."""
+
+    unit = "MACs"
+
+    def layer(self, space: HeadSpace, name: str, widths: Mapping[str, int]) -> float:
+        return float(space.layers[name].macs(widths))
+
+    def total(self, space: HeadSpace, arch: Mapping[str, int]) -> float:
+        return float(analytic_cost(space, arch).macs)
+
+    def dense(self, space: HeadSpace) -> float:
+        return float(analytic_cost(space).macs)
+
+
+MACS = MacsCost()
+
+
 def _round_down(width: float, d: DimSpec) -> int:
     w = int(width) // d.step * d.step
     return max(min(w, d.max_width), d.min_width)
 
 
-def check_reachable(space: HeadSpace, target: float) -> Architecture:
+def check_reachable(space: HeadSpace, target: float, cost: CostModel = MACS) -> Architecture:
     """The smallest architecture of ``space``; :class:`BudgetError` if even it costs above ``target``."""
     smallest = Architecture({label: d.allowed()[0] for label, d in space.dims.items()})
-    floor = float(analytic_cost(space, smallest).macs)
+    floor = cost.total(space, smallest)
     if floor > target:
-        dense = float(analytic_cost(space).macs)
+        dense = cost.dense(space)
         raise BudgetError(
-            f"budget of {target:.4g} MACs ({target / dense:.3f} of dense) cannot be met: the smallest "
-            f"architecture of this space costs {floor:.4g} MACs ({floor / dense:.3f} of dense)"
+            f"budget of {target:.4g} {cost.unit} ({target / dense:.3f} of dense) cannot be met: the "
+            f"smallest architecture of this space costs {floor:.4g} {cost.unit} ({floor / dense:.3f} "
+            "of dense)"
         )
     return smallest
 
@@ -63,10 +104,10 @@ def tied_groups(space: HeadSpace, tie_qk_v: bool = False) -> list[tuple[str, ...
     return groups
 
 
-def uniform(space: HeadSpace, target: float, tie_qk_v: bool = False) -> Architecture:
-    """The largest single keep ratio r (width = r * dense width, rounded down to the step); with
-    ``tie_qk_v`` a tied group takes the smallest width of its members."""
-    check_reachable(space, target)
+def uniform(space: HeadSpace, target: float, tie_qk_v: bool = False, cost: CostModel = MACS) -> Architecture:
+    """The largest single keep ratio r (width = r * dense width, rounded down to the step) whose
+    cost is within ``target``; with ``tie_qk_v`` a tied group takes the smallest width of its members."""
+    check_reachable(space, target, cost)
     groups = tied_groups(space, tie_qk_v)
 
     def at(r: float) -> Architecture:
@@ -77,11 +118,11 @@ def uniform(space: HeadSpace, target: float, tie_qk_v: bool = False) -> Architec
         return Architecture(widths)
 
     lo, hi = 0.0, 1.0
-    if float(analytic_cost(space, at(hi)).macs) <= target:
+    if cost.total(space, at(hi)) <= target:
         return at(hi)
     for _ in range(40):
         mid = (lo + hi) / 2
-        if float(analytic_cost(space, at(mid)).macs) <= target:
+        if cost.total(space, at(mid)) <= target:
             lo = mid
         else:
             hi = mid
@@ -100,18 +141,24 @@ def _normalised_sorted(space: HeadSpace, scores: Mapping[str, torch.Tensor]) -> 
 
 
 def global_by_score_per_mac(
-    space: HeadSpace, scores: Mapping[str, torch.Tensor], target: float, tie_qk_v: bool = False
+    space: HeadSpace,
+    scores: Mapping[str, torch.Tensor],
+    target: float,
+    tie_qk_v: bool = False,
+    cost: CostModel = MACS,
 ) -> Architecture:
-    """Greedy: repeatedly narrow the dimension whose next step loses the least score per MAC saved.
+    """Greedy: repeatedly narrow the dimension whose next step loses the least score per unit of
+    cost saved (MACs by default, milliseconds with a latency table).
 
     With ``tie_qk_v`` a layer's ``qk`` and ``v`` dimensions are one unit (:func:`tied_groups`): a
-    step narrows both, losing the scores of both and saving the MACs of both.
+    step narrows both, losing the scores of both and saving the cost of both. A step that saves
+    nothing (a measured latency can be flat in width) is taken last.
     """
-    check_reachable(space, target)
+    check_reachable(space, target, cost)
     ranked = _normalised_sorted(space, scores)
     widths = {label: d.max_width for label, d in space.dims.items()}
     layer_of = {label: split_label(label)[0] for label in space.dims}
-    total = float(analytic_cost(space, widths).macs)
+    total = cost.total(space, widths)
     groups = {group[0]: group for group in tied_groups(space, tie_qk_v)}  # keyed by the first label
     groups_of_layer: dict[str, list[str]] = {}
     for key in groups:
@@ -128,7 +175,7 @@ def global_by_score_per_mac(
         layer = space.layers[layer_of[key]]
         cur = {**{k: widths[dd.label] for k, dd in layer.dims.items()}}
         after = {**cur, **{split_label(label)[1]: new_w for label in group}}
-        saved = float(layer.macs(cur)) - float(layer.macs(after))
+        saved = cost.layer(space, layer_of[key], cur) - cost.layer(space, layer_of[key], after)
         lost = sum(float(ranked[label][:, new_w:w].sum()) for label in group)
         return (lost / max(saved, 1e-12), saved, new_w)
 
@@ -155,7 +202,7 @@ def global_by_score_per_mac(
             if nc is not None:
                 heapq.heappush(heap, (nc[0], other, version[other]))
     arch = Architecture(widths)
-    if float(analytic_cost(space, arch).macs) > target:  # pragma: no cover - guarded by reachability
+    if cost.total(space, arch) > target:  # pragma: no cover - guarded by reachability
         raise BudgetError("global allocation could not meet the budget")
     return arch
 
@@ -166,14 +213,16 @@ def allocate(
     target_macs: float,
     mode: Literal["uniform", "global"] = "global",
     tie_qk_v: bool = False,
+    cost: CostModel = MACS,
 ) -> Architecture:
-    """A head-balanced architecture costing at most ``target_macs``; with ``tie_qk_v`` every
-    softmax attention layer keeps equal query/key and value widths (:func:`tied_groups`)."""
+    """A head-balanced architecture costing at most ``target_macs`` (or ``target`` in the unit of
+    ``cost``, e.g. milliseconds for a latency table); with ``tie_qk_v`` every softmax attention layer
+    keeps equal query/key and value widths (:func:`tied_groups`)."""
     missing = [label for label in space.dims if label not in scores]
     if missing:
         raise UsageError(f"scores are missing dimension {missing[0]!r}")
     if mode == "uniform":
-        return uniform(space, target_macs, tie_qk_v)
+        return uniform(space, target_macs, tie_qk_v, cost)
     if mode == "global":
-        return global_by_score_per_mac(space, scores, target_macs, tie_qk_v)
+        return global_by_score_per_mac(space, scores, target_macs, tie_qk_v, cost)
     raise UsageError(f"unknown allocation {mode!r}; choose 'uniform' or 'global'")

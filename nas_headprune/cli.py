@@ -153,6 +153,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         "speedup": result["throughput"].get("pruned", {}).get("speedup"),
         "seconds": {k: round(v, 1) for k, v in result["timings"].items()},
     }
+    latency = result.get("latency")
+    if latency:
+        summary["latency"] = (
+            f"{latency['measured_fraction']:.3f} of dense measured, {latency['predicted_fraction']:.3f} "
+            f"predicted, budget {latency['budget']} (batch {latency['batch_size']}, {latency['device']})"
+        )
     _print_json(summary)
     return 0
 

@@ -178,6 +178,29 @@ class SpaceConfig(Section):
     skip_unsupported: bool = False
 
 
+class LatencyConfig(Section):
+    """How the latency table of ``budget_kind: latency`` is measured (``latency:`` in a run config)."""
+
+    batch_size: int = Field(1, ge=1, description="images per forward pass the latency is for")
+    device: Literal["cpu", "cuda"] | None = Field(
+        None, description="where the latency is measured; default (null): the run's device"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads while timing; default (null): torch's current setting"
+    )
+    points: int = Field(5, ge=2, le=33, description="widths timed per dimension (both ends included)")
+    rounds: int = Field(15, ge=1, description="interleaved timing rounds per grid point (medians)")
+    warmup: int = Field(3, ge=0, description="untimed calls before timing")
+    check_rounds: int = Field(
+        100, ge=1, description="rounds when the pruned and dense models are timed against the prediction"
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="where measured tables are kept; default (null): ~/.cache/nas-headprune/latency "
+        "($XDG_CACHE_HOME respected); '' for no cache",
+    )
+
+
 class RunConfig(Section):
     """Everything a ``search`` run needs; ``strategy_options`` is validated by the strategy.
 
@@ -187,7 +210,15 @@ class RunConfig(Section):
 
     strategy: str = "magnitude"
     strategy_options: dict[str, Any] = Field(default_factory=dict)
-    budget: float = Field(0.5, gt=0, le=1, description="target MACs as a fraction of dense, in (0, 1]")
+    budget: float = Field(
+        0.5, gt=0, le=1, description="target MACs (or latency) as a fraction of the dense model's, in (0, 1]"
+    )
+    budget_kind: Literal["macs", "latency"] = Field(
+        "macs",
+        description="macs: the budget is a fraction of the dense MACs; latency: a fraction of the dense "
+        "model's latency measured on this machine (latency: section; scoring strategies only)",
+    )
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelConfig = Field(default_factory=ModelConfig)

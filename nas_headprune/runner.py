@@ -177,6 +177,7 @@ class _Run:
     size: tuple[int, ...] = ()
     space: Any = None
     dense_macs: int = 0
+    latency: Any = None  # the LatencyTable of a budget_kind: latency run
 
     @property
     def out(self) -> Path:
@@ -200,6 +201,12 @@ def run_search(cfg: RunConfig, out: str | Path, *, restart: bool = False) -> dic
     from nas_headprune.registry import make_strategy
 
     strategy = make_strategy(cfg.strategy, cfg.strategy_options)  # config errors before any work
+    kinds = getattr(type(strategy), "budget_kinds", ("macs",))
+    if cfg.budget_kind not in kinds:
+        raise ConfigError(
+            f"strategy {cfg.strategy!r} cannot meet budget_kind {cfg.budget_kind!r} (it meets: "
+            f"{', '.join(kinds)}); a latency budget needs a scoring strategy, e.g. magnitude, taylor or random"
+        )
     device: str | torch.device = resolve_device(cfg.device)
     rank, world, dist_device = ft.init_distributed_from_env()
     if world > 1:
@@ -249,6 +256,11 @@ def _pipeline(run: _Run) -> dict[str, Any]:
         "data": {k: v for k, v in run.resolved["data"].items() if k not in _EVAL_ONLY_DATA},
         "dense_sha256": run.dense_sha256,
     }
+    if cfg.budget_kind == "latency":  # absent for MACs budgets, so their fingerprints stay as they were
+        search_inputs["budget_kind"] = cfg.budget_kind
+        search_inputs["latency"] = {
+            k: v for k, v in run.resolved["latency"].items() if k not in ("check_rounds", "cache_dir")
+        }
     reweight_inputs = {"reweight": run.resolved["reweight"]}
     finetune_inputs = {
         "finetune": {k: v for k, v in run.resolved["finetune"].items() if k not in _FINETUNE_UNFINGERPRINTED}
@@ -257,6 +269,8 @@ def _pipeline(run: _Run) -> dict[str, Any]:
         "data": {k: run.resolved["data"][k] for k in ("test_subset", "eval_batch_size")},
         "throughput_batch": cfg.throughput_batch,
     }
+    if cfg.budget_kind == "latency":
+        evaluate_inputs["latency_check_rounds"] = cfg.latency.check_rounds
     # every recorded stage is checked against this config before any work (and before data loads)
     chain = {
         "search": search_inputs,
@@ -342,6 +356,8 @@ def stage_search(run: _Run, done: bool) -> Searched:
         "start", strategy=cfg.strategy, budget=cfg.budget, seed=cfg.seed, dense_macs=run.dense_macs
     )
     search_file = out / "search.json"
+    if cfg.budget_kind == "latency":
+        run.latency = _latency_table(run, done)
     if done:
         saved = read_json(search_file, "search record")
         try:
@@ -372,6 +388,8 @@ def stage_search(run: _Run, done: bool) -> Searched:
         progress=cfg.progress and run.main,
         rank=run.rank,
         world_size=run.world,
+        budget_kind=cfg.budget_kind,
+        latency=run.latency,
     )
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -404,6 +422,85 @@ def stage_search(run: _Run, done: bool) -> Searched:
     run.folder.finish("search")
     run.mlog.write("search_done", seconds=run.timings["search_s"], info=info)
     return Searched(selection, scales, weights, info, reported, result.weight_steps)
+
+
+def _latency_table(run: _Run, done: bool) -> Any:
+    """The latency table of a ``budget_kind: latency`` run: read back from the run folder when the
+    search has finished, else measured (or taken from the cache) by rank 0 and shared with every rank.
+    It is kept in the run folder (``latency_table.json``) so the evaluate stage compares against the
+    very table the search used."""
+    from nas_headprune.atomic import atomic_write_json
+    from nas_headprune.evaluator.latency import LatencyTable, latency_table
+
+    path = run.out / "latency_table.json"
+    if done:
+        try:
+            return LatencyTable.from_dict(read_json(path, "latency table"))
+        except ValueError as exc:
+            raise CheckpointError(f"{path} is damaged or was edited ({exc}); rerun with --restart") from exc
+    lat = run.cfg.latency
+    data = None
+    if run.main:
+        table, cached = latency_table(
+            run.model,
+            run.space,
+            batch_size=lat.batch_size,
+            device=lat.device or str(run.device),
+            threads=lat.threads,
+            points=lat.points,
+            rounds=lat.rounds,
+            warmup=lat.warmup,
+            cache_dir=lat.cache_dir,
+            progress=run.cfg.progress,
+        )
+        data = table.to_dict()
+        data["cache_file"] = str(cached) if cached else None
+        atomic_write_json(path, data)
+    if run.world > 1:
+        box = [data]
+        torch.distributed.broadcast_object_list(box, src=0)
+        data = box[0]
+    assert data is not None
+    return LatencyTable.from_dict(data)
+
+
+def _latency_check(run: _Run, pruned: torch.nn.Module, arch: Any) -> dict[str, Any]:
+    """Predicted against measured latency of the pruned model, both models timed interleaved at the
+    latency budget's batch size, device and threads."""
+    from nas_headprune.evaluator import metrics
+
+    lat, table = run.cfg.latency, run.latency
+    device = lat.device or str(run.device)
+    timed = metrics.measure_throughput(
+        {"dense": copy.deepcopy(run.model), "pruned": copy.deepcopy(pruned)},
+        run.size,
+        batch_size=lat.batch_size,
+        device=device,
+        warmup=lat.warmup,
+        iters=lat.check_rounds,
+        threads=lat.threads,
+    )
+    predicted = table.predict(run.space, arch)
+    measured, dense = timed["pruned"]["ms_per_batch"], timed["dense"]["ms_per_batch"]
+    # The machine's speed drifts between the table's measurement and this one (load, clocks), so the
+    # budget and the prediction are compared as fractions of the dense latency timed alongside.
+    predicted_fraction, measured_fraction = predicted / table.dense_ms, measured / dense
+    return {
+        "batch_size": lat.batch_size,
+        "device": device,
+        "device_name": table.setting.get("device_name"),
+        "threads": table.setting.get("threads"),
+        "budget": run.cfg.budget,
+        "table_dense_ms": table.dense_ms,
+        "target_ms": run.cfg.budget * table.dense_ms,
+        "predicted_ms": predicted,
+        "predicted_fraction": predicted_fraction,
+        "measured_ms": measured,
+        "measured_dense_ms": dense,
+        "measured_fraction": measured_fraction,
+        "measured_over_budget": measured_fraction / run.cfg.budget,
+        "prediction_error": predicted_fraction / measured_fraction - 1.0,
+    }
 
 
 def _same_on_every_rank(strategy: str, selection: Any) -> None:
@@ -551,10 +648,12 @@ def stage_evaluate(
     pruned_macs = measure_macs(pruned, run.size)
     arch = searched.selection.architecture()
     cost = analytic_cost(run.space, arch)
+    latency = _latency_check(run, pruned, arch) if cfg.budget_kind == "latency" else None
     dense_macs = run.dense_macs
     record = {
         "strategy": cfg.strategy,
         "budget": cfg.budget,
+        "budget_kind": cfg.budget_kind,
         "seed": cfg.seed,
         "architecture": arch.to_dict(),
         "dense": {
@@ -587,6 +686,7 @@ def stage_evaluate(
         "reweight": rw_report,
         "finetune": ft_record,
         "throughput": throughput,
+        "latency": latency,
         "strategy_info": searched.info,
         "timings": run.timings,
         "versions": versions(),

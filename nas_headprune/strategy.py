@@ -102,6 +102,10 @@ class SearchContext:
     extras: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
+    #: "macs" (``budget`` is a fraction of ``dense_macs``) or "latency" (a fraction of the dense
+    #: model's measured latency; ``latency`` then holds the measured table, a CostModel in ms)
+    budget_kind: str = "macs"
+    latency: Any = None
 
     @property
     def distributed(self) -> bool:
@@ -148,7 +152,17 @@ class SearchContext:
 
     @property
     def target_macs(self) -> float:
+        """The MACs a result may cost: ``budget`` of dense, or no limit under a latency budget."""
+        if self.budget_kind == "latency":
+            return float(self.dense_macs)
         return self.budget * self.dense_macs
+
+    @property
+    def target_latency_ms(self) -> float | None:
+        """Under a latency budget, the milliseconds per batch a result may take (else ``None``)."""
+        if self.budget_kind != "latency" or self.latency is None:
+            return None
+        return self.budget * float(self.latency.dense_ms)
 
     def cost(self, arch: Mapping[str, Any]) -> CostReport:
         from nas_headprune.evaluator.cost import analytic_cost
@@ -194,6 +208,8 @@ class Strategy(ABC):
     #: short description shown by ``nas-headprune strategies``
     summary: ClassVar[str] = ""
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+    #: the budget kinds the strategy can meet (``budget_kind`` of a run config)
+    budget_kinds: ClassVar[tuple[str, ...]] = ("macs",)
 
     def __init__(self, config: StrategyConfig | Mapping[str, Any] | None = None) -> None:
         if config is None:
@@ -217,6 +233,7 @@ class ScoringStrategy(Strategy):
     """A strategy that only scores channels; the shared allocator does the rest."""
 
     Config: ClassVar[type[StrategyConfig]] = ScoringConfig
+    budget_kinds: ClassVar[tuple[str, ...]] = ("macs", "latency")
 
     @abstractmethod
     def score(self, ctx: SearchContext) -> dict[str, torch.Tensor]:
@@ -230,7 +247,13 @@ class ScoringStrategy(Strategy):
         cfg = self.config
         assert isinstance(cfg, ScoringConfig)
         space = ctx.space.with_step(resolve_width_step(cfg.width_step, ctx.device), cfg.min_width)
-        arch = allocate(space, scores, ctx.target_macs, mode=cfg.allocation, tie_qk_v=cfg.tie_qk_v)
+        latency_ms = ctx.target_latency_ms
+        if latency_ms is not None:  # score lost per millisecond saved, against the measured table
+            arch = allocate(
+                space, scores, latency_ms, mode=cfg.allocation, tie_qk_v=cfg.tie_qk_v, cost=ctx.latency
+            )
+        else:
+            arch = allocate(space, scores, ctx.target_macs, mode=cfg.allocation, tie_qk_v=cfg.tie_qk_v)
         selection = space.selection_from_scores(scores, arch)
         return SearchResult(selection, info={"allocation": cfg.allocation})
 
@@ -248,6 +271,14 @@ def validate_result(name: str, ctx: SearchContext, result: object) -> tuple[Sele
     except ArchitectureError as exc:
         raise StrategyError(f"strategy {name!r} returned an invalid selection: {exc}") from exc
     cost = ctx.cost(selection.architecture())
+    latency_ms = ctx.target_latency_ms
+    if latency_ms is not None:
+        predicted = float(ctx.latency.predict(ctx.space, selection.architecture()))
+        if predicted > latency_ms * (1 + 1e-9):
+            raise StrategyError(
+                f"strategy {name!r} returned an architecture predicted at {predicted:.4g} ms per batch, above "
+                f"the latency budget of {latency_ms:.4g} ms ({ctx.budget} of dense {ctx.latency.dense_ms:.4g} ms)"
+            )
     macs = float(result.reported_macs) if result.reported_macs is not None else float(cost.macs)
     if macs > ctx.target_macs * (1 + 1e-9):
         raise StrategyError(

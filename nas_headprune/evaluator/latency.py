@@ -1,0 +1,492 @@
+"""Measured latency as a budget (``budget_kind: latency``): a lookup table per layer and width.
+
+A latency table holds, for every prunable layer, its forward time on a grid of widths (a few widths
+per dimension: the smallest, the dense one and evenly spaced ones between; the product of the grids
+for a layer with a query/key and a value dimension). Each grid point is one pruned copy of the layer
+(built by :func:`~nas_headprune.evaluator.materialize.materialize`, so it runs the attention path a
+real pruned model runs), timed alone on the input the dense model gives it, at the configured batch
+size, device and thread count: warm-up calls, then the median of interleaved rounds. Between grid
+points the time is interpolated (multilinear), and each layer's grid is made non-decreasing in every
+width first, so narrowing never predicts a slow-down that timing noise made up.
+
+Layers timed alone run faster than inside the model (warm caches, no neighbours). Two whole models
+are timed too, the dense one and the smallest architecture, and the prediction is calibrated on them:
+``predicted(arch) = fixed + scale * sum(layer times)``, exact at both ends. ``fixed`` is the part no
+pruning changes (patch embedding, norms, the head, Python overhead).
+
+Tables are cached (``latency.cache_dir``, by default ``~/.cache/nas-headprune/latency``), keyed by
+the model's class and space, the input size, batch size, device (with the CPU's or GPU's name),
+thread count, torch version and the grid settings, so a device is measured once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nas_headprune.errors import UsageError
+from nas_headprune.space import Architecture, DimSpec, HeadSpace
+
+log = logging.getLogger(__name__)
+
+#: bump when the table's meaning or layout changes: older cached tables are then measured again
+TABLE_VERSION = 1
+
+
+def grid_widths(d: DimSpec, points: int) -> list[int]:
+    """``points`` allowed widths of ``d`` spread evenly over its allowed widths, both ends included."""
+    allowed = d.allowed()
+    if points < 2:
+        raise UsageError(f"latency.points must be at least 2, got {points}")
+    if len(allowed) <= points:
+        return allowed
+    picks = {round(i * (len(allowed) - 1) / (points - 1)) for i in range(points)}
+    return [allowed[i] for i in sorted(picks)]
+
+
+def _monotone(values: torch.Tensor) -> torch.Tensor:
+    """``values`` made non-decreasing along every axis (running maximum axis by axis)."""
+    out = values.clone()
+    for axis in range(out.dim()):
+        out = torch.cummax(out, dim=axis).values
+    return out
+
+
+def _interpolate(grids: list[list[int]], values: torch.Tensor, point: list[float]) -> float:
+    """Multilinear interpolation of ``values`` (one axis per grid) at ``point``, clamped to the grid."""
+    if not grids:
+        return float(values)
+    grid, rest = grids[0], grids[1:]
+    x = min(max(float(point[0]), grid[0]), grid[-1])
+    hi = next((i for i, g in enumerate(grid) if g >= x), len(grid) - 1)
+    if grid[hi] == x or hi == 0:
+        return _interpolate(rest, values[hi], point[1:])
+    lo = hi - 1
+    t = (x - grid[lo]) / (grid[hi] - grid[lo])
+    a = _interpolate(rest, values[lo], point[1:])
+    b = _interpolate(rest, values[hi], point[1:])
+    return a + t * (b - a)
+
+
+@dataclass
+class LayerLatency:
+    """One layer's measured times (ms per batch) on the grid of its dimensions' widths."""
+
+    kinds: list[str]  # the dimension kinds, one axis each ("qk", "v", "mlp", ...)
+    grids: list[list[int]]  # per kind, the measured widths
+    raw_ms: list  # nested lists, one axis per kind: the medians as measured
+    ms: list  # the same made non-decreasing in every width
+
+    def at(self, widths: Mapping[str, float]) -> float:
+        return _interpolate(
+            self.grids, torch.tensor(self.ms, dtype=torch.float64), [widths[k] for k in self.kinds]
+        )
+
+
+@dataclass
+class LatencyTable:
+    """Per layer and width, the measured latency, and the calibration to whole-model latency.
+
+    It is a :class:`~nas_headprune.allocate.CostModel` in milliseconds per batch: ``layer`` is one
+    layer's share (already multiplied by ``scale``), ``total`` the predicted latency of a whole
+    architecture.
+    """
+
+    layers: dict[str, LayerLatency]
+    fixed_ms: float
+    scale: float
+    dense_ms: float  # the dense model, timed whole
+    smallest_ms: float  # the smallest architecture, timed whole
+    setting: dict[str, Any] = field(default_factory=dict)
+
+    unit = "ms"
+
+    # ---------------------------------------------------------------- CostModel
+    def layer(self, space: HeadSpace, name: str, widths: Mapping[str, int]) -> float:
+        return self.scale * self.layers[name].at(widths)
+
+    def total(self, space: HeadSpace, arch: Mapping[str, int]) -> float:
+        return self.predict(space, arch)
+
+    def dense(self, space: HeadSpace) -> float:
+        return self.predict(space, space.dense())
+
+    # ------------------------------------------------------------------- public
+    def predict(self, space: HeadSpace, arch: Mapping[str, int]) -> float:
+        """Predicted ms per batch of the whole model at ``arch`` (dense widths where it is silent)."""
+        total = self.fixed_ms
+        for name, layer in space.layers.items():
+            if name not in self.layers:
+                raise UsageError(
+                    f"the latency table has no layer {name!r}; it was measured for another model"
+                )
+            widths = {k: arch.get(d.label, d.max_width) for k, d in layer.dims.items()}
+            total += self.layer(space, name, widths)
+        return float(total)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": TABLE_VERSION,
+            "setting": self.setting,
+            "fixed_ms": self.fixed_ms,
+            "scale": self.scale,
+            "dense_ms": self.dense_ms,
+            "smallest_ms": self.smallest_ms,
+            "layers": {
+                name: {"kinds": t.kinds, "grids": t.grids, "raw_ms": t.raw_ms, "ms": t.ms}
+                for name, t in self.layers.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LatencyTable:
+        """The table of :meth:`to_dict`; ``ValueError`` for anything that is not one."""
+        try:
+            if data["version"] != TABLE_VERSION:
+                raise ValueError(f"table version {data['version']!r}, expected {TABLE_VERSION}")
+            layers = {}
+            for name, t in data["layers"].items():
+                layer = LayerLatency(
+                    list(t["kinds"]), [list(map(int, g)) for g in t["grids"]], t["raw_ms"], t["ms"]
+                )
+                shape = tuple(len(g) for g in layer.grids)
+                if tuple(torch.tensor(layer.ms, dtype=torch.float64).shape) != shape:
+                    raise ValueError(f"layer {name!r}: times do not match its grid {shape}")
+                layers[name] = layer
+            table = cls(
+                layers,
+                float(data["fixed_ms"]),
+                float(data["scale"]),
+                float(data["dense_ms"]),
+                float(data["smallest_ms"]),
+                dict(data["setting"]),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a latency table ({type(exc).__name__}: {exc})") from exc
+        values = [table.fixed_ms, table.scale, table.dense_ms, table.smallest_ms]
+        if not all(v == v and abs(v) != float("inf") for v in values):
+            raise ValueError("not a latency table (non-finite numbers)")
+        return table
+
+
+# ------------------------------------------------------------------------------- measuring
+def device_name(device: torch.device) -> str:
+    """The processor's name: the GPU's for CUDA, the CPU model (from /proc/cpuinfo) otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _layer_inputs(model: nn.Module, space: HeadSpace, example: torch.Tensor) -> dict[str, tuple[tuple, dict]]:
+    """The positional and keyword arguments each prunable layer gets in one forward of ``example``."""
+    captured: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    modules = dict(model.named_modules())
+    for name in space.layers:
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+            if name not in captured:  # the first call (a module called twice keeps its first input)
+                captured[name] = (args, kwargs)
+
+        handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [name for name in space.layers if name not in captured]
+    if missing:
+        raise UsageError(f"layer {missing[0]!r} was not called in a forward pass; it cannot be timed")
+    return captured
+
+
+def _timed(fn: Callable[[], Any], inner: int, device: torch.device) -> float:
+    """Seconds per call of ``fn``, over ``inner`` calls."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / inner
+
+
+def _inner_calls(fn: Callable[[], Any], device: torch.device, sample_s: float = 2e-3) -> int:
+    """Calls per timing sample so that one sample lasts about ``sample_s`` (short layers repeat)."""
+    once = min(_timed(fn, 1, device) for _ in range(3))
+    return max(1, min(50, int(sample_s / max(once, 1e-7))))
+
+
+def _interleaved_medians(
+    fns: dict[Any, Callable[[], Any]], rounds: int, warmup: int, device: torch.device
+) -> dict[Any, float]:
+    """Median ms per call of each function, the functions timed in a rotating order each round."""
+    keys = list(fns)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for k in keys:
+                fns[k]()
+        inner = {k: _inner_calls(fns[k], device) for k in keys}
+        times: dict[Any, list[float]] = {k: [] for k in keys}
+        for r in range(rounds):
+            shift = r % len(keys)
+            for k in keys[shift:] + keys[:shift]:
+                times[k].append(_timed(fns[k], inner[k], device))
+    return {k: 1000.0 * statistics.median(v) for k, v in times.items()}
+
+
+def index_of(combo: tuple[int, ...], grid: Mapping[str, list[int]]) -> tuple[int, ...]:
+    """A layer's grid index within a tuple of indices over all layers (its first ``len(grid)``)."""
+    return combo[: len(grid)]
+
+
+def _grids(space: HeadSpace, points: int) -> dict[str, dict[str, list[int]]]:
+    return {
+        name: {kind: grid_widths(d, points) for kind, d in layer.dims.items()}
+        for name, layer in space.layers.items()
+    }
+
+
+def measure_table(
+    model: nn.Module,
+    space: HeadSpace,
+    *,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    points: int = 5,
+    rounds: int = 15,
+    warmup: int = 3,
+    setting: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> LatencyTable:
+    """Time every layer of ``space`` on its width grid and calibrate on two whole models.
+
+    ``model`` is the dense model the space was built from; it is not modified. ``threads`` sets
+    torch's CPU threads while timing (restored afterwards).
+    """
+    from nas_headprune.evaluator.materialize import materialize
+    from nas_headprune.progress import stderr_progress
+
+    if batch_size < 1 or rounds < 1 or warmup < 0:
+        raise UsageError(
+            f"batch_size and rounds must be >= 1 and warmup >= 0; got {batch_size}, {rounds}, {warmup}"
+        )
+    dev = torch.device(device)
+    grids = _grids(space, points)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    was_training = model.training
+    on_device = all(p.device == dev for p in model.parameters())
+    dense = (model if on_device else copy.deepcopy(model).to(dev)).eval()
+    try:
+        generator = torch.Generator().manual_seed(0)
+        example = torch.randn((batch_size, *space.input_size), generator=generator).to(dev)
+        inputs = _layer_inputs(dense, space, example)
+        # One pruned model per tuple of grid indices (i, j, ...): it sets every layer whose grid has
+        # those indices (layers with fewer dimensions only at trailing zeros), and those layers are
+        # timed there. So a layer with grids of n and m widths is timed at its n * m grid points.
+        depth = max(len(g) for g in grids.values())
+        sizes = [max(len(list(g.values())[i]) for g in grids.values() if len(g) > i) for i in range(depth)]
+        combos = list(itertools.product(*(range(n) for n in sizes)))
+        modules: dict[tuple[str, tuple[int, ...]], nn.Module] = {}
+        with stderr_progress(enabled=progress, transient=True) as bar:
+            task = bar.add_task("latency table: pruned copies", total=len(combos))
+            for combo in combos:
+                widths: dict[str, int] = {}
+                timed: list[str] = []
+                for name, layer in space.layers.items():
+                    g = grids[name]
+                    index = combo[: len(g)]
+                    if any(combo[len(g) :]) or any(
+                        i >= len(w) for i, w in zip(index, g.values(), strict=True)
+                    ):
+                        continue
+                    timed.append(name)
+                    for (kind, w), i in zip(g.items(), index, strict=True):
+                        widths[layer.dims[kind].label] = w[i]
+                if timed:
+                    arch = Architecture({**space.dense(), **widths})
+                    pruned = materialize(dense, space, space.first_channels(arch)).eval()
+                    for name in timed:
+                        modules[name, index_of(combo, grids[name])] = pruned.get_submodule(name)
+                bar.advance(task)
+        smallest = Architecture({label: d.allowed()[0] for label, d in space.dims.items()})
+        small_model = materialize(dense, space, space.first_channels(smallest)).to(dev).eval()
+
+        def call(key: tuple[str, tuple[int, ...]]) -> Callable[[], Any]:
+            args, kwargs = inputs[key[0]]
+            module = modules[key]
+            return lambda: module(*args, **kwargs)
+
+        layer_ms = _interleaved_medians({key: call(key) for key in modules}, rounds, warmup, dev)
+        whole = _interleaved_medians(
+            {"dense": lambda: dense(example), "smallest": lambda: small_model(example)}, rounds, warmup, dev
+        )
+    finally:
+        model.train(was_training)
+        if threads is not None:
+            torch.set_num_threads(old_threads)
+
+    layers: dict[str, LayerLatency] = {}
+    for name, g in grids.items():
+        shape = tuple(len(w) for w in g.values())
+        raw = torch.zeros(shape, dtype=torch.float64)
+        for index in itertools.product(*(range(n) for n in shape)):
+            raw[index] = layer_ms[name, index]
+        layers[name] = LayerLatency(list(g), list(g.values()), raw.tolist(), _monotone(raw).tolist())
+    table = calibrate(layers, space, whole["dense"], whole["smallest"], setting or {})
+    log.info(
+        "latency table: dense %.3f ms, smallest %.3f ms per batch of %d (scale %.3f, fixed %.3f ms)",
+        whole["dense"],
+        whole["smallest"],
+        batch_size,
+        table.scale,
+        table.fixed_ms,
+    )
+    return table
+
+
+def calibrate(
+    layers: dict[str, LayerLatency],
+    space: HeadSpace,
+    dense_ms: float,
+    smallest_ms: float,
+    setting: Mapping[str, Any],
+) -> LatencyTable:
+    """The table whose prediction equals the whole models' times at the dense and the smallest
+    architecture: ``scale`` maps the span of the layers' summed times onto the span of the whole
+    models', ``fixed`` is the rest. When the two whole times are not in that order (timing noise on a
+    model too small to tell them apart) the layers' times are taken as they are (``scale`` 1) and
+    only the dense end is matched."""
+    table = LatencyTable(layers, 0.0, 1.0, dense_ms, smallest_ms, dict(setting))
+    smallest = Architecture({label: d.allowed()[0] for label, d in space.dims.items()})
+    dense_sum = table.predict(space, space.dense())
+    small_sum = table.predict(space, smallest)
+    if dense_ms > smallest_ms and dense_sum > small_sum:
+        table.scale = (dense_ms - smallest_ms) / (dense_sum - small_sum)
+    else:
+        log.warning(
+            "the smallest architecture did not time faster than the dense model (%.4g vs %.4g ms); "
+            "latency predictions use the layers' own times",
+            smallest_ms,
+            dense_ms,
+        )
+    table.fixed_ms = dense_ms - table.scale * dense_sum
+    return table
+
+
+# ---------------------------------------------------------------------------------- caching
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nas-headprune" / "latency"
+
+
+def table_key(model: nn.Module, space: HeadSpace, setting: Mapping[str, Any]) -> str:
+    """A hash of what the table's times depend on: the model class, the space, the timing setting."""
+    shape = {
+        name: {
+            "family": layer.family,
+            "dims": {k: [d.heads, d.max_width, d.min_width, d.step] for k, d in layer.dims.items()},
+        }
+        for name, layer in space.layers.items()
+    }
+    facts = {
+        "version": TABLE_VERSION,
+        "model": f"{type(model).__module__}.{type(model).__qualname__}",
+        "space": shape,
+        "input_size": list(space.input_size),
+        "torch": torch.__version__,
+        **setting,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def latency_table(
+    model: nn.Module,
+    space: HeadSpace,
+    *,
+    batch_size: int,
+    device: str | torch.device,
+    threads: int | None,
+    points: int,
+    rounds: int,
+    warmup: int,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[LatencyTable, Path | None]:
+    """The cached table for this model, space and setting, measured (and cached) when there is none.
+
+    A cached file that cannot be read is measured again (with a warning naming it), never trusted.
+    Returns the table and the cache file (``None`` when ``cache_dir`` is ``""``: no cache).
+    """
+    from nas_headprune.atomic import atomic_write_json
+
+    dev = torch.device(device)
+    setting = {
+        "batch_size": batch_size,
+        "device": dev.type,
+        "device_name": device_name(dev),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "points": points,
+        "rounds": rounds,
+        "warmup": warmup,
+    }
+    path: Path | None = None
+    if cache_dir != "":
+        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        path = folder / f"{table_key(model, space, setting)}.json"
+        if path.is_file():
+            try:
+                table = LatencyTable.from_dict(json.loads(path.read_text()))
+                if set(table.layers) != set(space.layers):
+                    raise ValueError("its layers are not this space's")
+                log.info("latency table from the cache: %s", path)
+                return table, path
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                log.warning("latency cache file %s is damaged (%s); measuring again", path, exc)
+    table = measure_table(
+        model,
+        space,
+        batch_size=batch_size,
+        device=dev,
+        threads=threads,
+        points=points,
+        rounds=rounds,
+        warmup=warmup,
+        setting=setting,
+        progress=progress,
+    )
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, table.to_dict())
+        except OSError as exc:
+            log.warning("could not cache the latency table in %s: %s", path, exc.strerror or exc)
+    return table, path
