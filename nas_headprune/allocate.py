@@ -16,7 +16,7 @@ import torch
 
 from nas_headprune.errors import UsageError
 from nas_headprune.evaluator.cost import analytic_cost
-from nas_headprune.space import Architecture, DimSpec, HeadSpace, split_label
+from nas_headprune.space import HEADS, Architecture, DimSpec, HeadSpace, split_label
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,11 @@ def uniform(space: HeadSpace, target: float, tie_qk_v: bool = False, cost: CostM
     check_reachable(space, target, cost)
     groups = tied_groups(space, tie_qk_v)
 
-    def at(r: float) -> Architecture:
-        widths = {label: _round_down(r * d.max_width, d) for label, d in space.dims.items()}
+    def at(r: float) -> Architecture:  # every head is kept: one ratio is about channels
+        widths = {
+            label: d.max_width if d.kind == HEADS else _round_down(r * d.max_width, d)
+            for label, d in space.dims.items()
+        }
         for group in groups:
             w = min(widths[label] for label in group)
             widths.update(dict.fromkeys(group, w))
@@ -129,15 +132,50 @@ def uniform(space: HeadSpace, target: float, tie_qk_v: bool = False, cost: CostM
     return at(lo)
 
 
+def _normalised(d: DimSpec, score: torch.Tensor) -> torch.Tensor:
+    """A dimension's scores as ``(H, d)`` (MLPs: ``(1, m)``), divided by their mean magnitude."""
+    s = score.detach().double().reshape(d.heads, d.max_width)
+    mean = s.abs().mean()
+    return s / mean if mean > 0 else s
+
+
 def _normalised_sorted(space: HeadSpace, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per dimension, scores sorted descending within each head, divided by the dimension's mean."""
-    out = {}
-    for label, d in space.dims.items():
-        s = scores[label].detach().double().reshape(d.heads, d.max_width)  # (H, d); MLPs: (1, m)
-        mean = s.abs().mean()
-        s = s / mean if mean > 0 else s
-        out[label] = torch.sort(s, dim=1, descending=True).values
+    """Per channel dimension, scores sorted descending within each head, divided by the dimension's
+    mean (head counts are ranked by :func:`head_scores` instead)."""
+    return {
+        label: torch.sort(_normalised(d, scores[label]), dim=1, descending=True).values
+        for label, d in space.dims.items()
+        if d.kind != HEADS
+    }
+
+
+def head_scores(space: HeadSpace, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``scores`` with a score per head for every ``heads`` dimension it lacks: the sum of the head's
+    query/key and value channel scores, each dimension normalised by its mean as the allocator
+    compares them, so dropping a head costs what dropping all its channels would."""
+    out = dict(scores)
+    for layer in space.layers.values():
+        d = layer.dims.get(HEADS)
+        if d is None or d.label in out:
+            continue
+        total = torch.zeros(d.max_width, dtype=torch.float64)
+        for kind, cd in layer.dims.items():
+            if kind != HEADS and cd.heads == d.max_width:
+                total += _normalised(cd, scores[cd.label]).sum(dim=1)
+        out[d.label] = total
     return out
+
+
+def _head_order(space: HeadSpace, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per layer with a ``heads`` dimension, its heads from the highest score down (ties: lower
+    index first, as :meth:`HeadSpace.selection_from_scores` keeps them)."""
+    order = {}
+    for name, layer in space.layers.items():
+        d = layer.dims.get(HEADS)
+        if d is not None:
+            s = scores[d.label].detach().double().reshape(-1)
+            order[name] = torch.sort(-s, stable=True).indices
+    return order
 
 
 def global_by_score_per_mac(
@@ -155,7 +193,9 @@ def global_by_score_per_mac(
     nothing (a measured latency can be flat in width) is taken last.
     """
     check_reachable(space, target, cost)
+    scores = head_scores(space, scores)
     ranked = _normalised_sorted(space, scores)
+    head_order = _head_order(space, scores)
     widths = {label: d.max_width for label, d in space.dims.items()}
     layer_of = {label: split_label(label)[0] for label in space.dims}
     total = cost.total(space, widths)
@@ -176,7 +216,18 @@ def global_by_score_per_mac(
         cur = {**{k: widths[dd.label] for k, dd in layer.dims.items()}}
         after = {**cur, **{split_label(label)[1]: new_w for label in group}}
         saved = cost.layer(space, layer_of[key], cur) - cost.layer(space, layer_of[key], after)
-        lost = sum(float(ranked[label][:, new_w:w].sum()) for label in group)
+        order = head_order.get(layer_of[key])
+        if d.kind == HEADS:  # drop the lowest-scored kept head with the channels it keeps
+            assert order is not None
+            gone = order[new_w]
+            lost = sum(
+                float(ranked[dd.label][gone, : widths[dd.label]].sum())
+                for dd in layer.dims.values()
+                if dd.kind != HEADS and dd.heads == d.max_width
+            )
+        else:  # only the kept heads' channels count
+            rows = order[: cur[HEADS]] if order is not None else slice(None)
+            lost = sum(float(ranked[label][rows, new_w:w].sum()) for label in group)
         return (lost / max(saved, 1e-12), saved, new_w)
 
     heap: list[tuple[float, str, int]] = []
@@ -218,7 +269,7 @@ def allocate(
     """A head-balanced architecture costing at most ``target_macs`` (or ``target`` in the unit of
     ``cost``, e.g. milliseconds for a latency table); with ``tie_qk_v`` every softmax attention layer
     keeps equal query/key and value widths (:func:`tied_groups`)."""
-    missing = [label for label in space.dims if label not in scores]
+    missing = [label for label in space.dims if label not in scores and space.dims[label].kind != HEADS]
     if missing:
         raise UsageError(f"scores are missing dimension {missing[0]!r}")
     if mode == "uniform":

@@ -176,6 +176,11 @@ class ModelConfig(Section):
 
 class SpaceConfig(Section):
     skip_unsupported: bool = False
+    prune_heads: bool = Field(
+        False,
+        description="let attention layers also drop whole heads (a head count per layer next to the "
+        "per-head widths; adapters that support it, scoring strategies)",
+    )
 
 
 class LatencyConfig(Section):

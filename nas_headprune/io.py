@@ -168,6 +168,8 @@ def load_pruned(directory: str | os.PathLike, map_location: str = "cpu") -> nn.M
             f"cannot rebuild the search space of {base['name']!r} from {Path(directory) / ARCH_FILE} "
             f"(input_size {record['input_size']}): {exc}"
         ) from exc
+    if any(str(label).endswith(":heads") for label in record["architecture"]):
+        space = space.with_heads()  # saved from a search that could drop whole heads
     try:
         selection = space.first_channels(record["architecture"])
     except ArchitectureError as exc:

@@ -201,6 +201,11 @@ def run_search(cfg: RunConfig, out: str | Path, *, restart: bool = False) -> dic
     from nas_headprune.registry import make_strategy
 
     strategy = make_strategy(cfg.strategy, cfg.strategy_options)  # config errors before any work
+    if cfg.space.prune_heads and not getattr(type(strategy), "head_pruning", False):
+        raise ConfigError(
+            f"strategy {cfg.strategy!r} cannot search whole heads (space.prune_heads: true); "
+            "whole-head pruning needs a scoring strategy, e.g. magnitude, taylor or random"
+        )
     kinds = getattr(type(strategy), "budget_kinds", ("macs",))
     if cfg.budget_kind not in kinds:
         raise ConfigError(
@@ -252,7 +257,8 @@ def _pipeline(run: _Run) -> dict[str, Any]:
         "budget": cfg.budget,
         "seed": cfg.seed,
         "model": run.resolved["model"],
-        "space": run.resolved["space"],
+        # prune_heads enters only when on, so older run folders keep their fingerprints
+        "space": {k: v for k, v in run.resolved["space"].items() if k != "prune_heads" or v},
         "data": {k: v for k, v in run.resolved["data"].items() if k not in _EVAL_ONLY_DATA},
         "dense_sha256": run.dense_sha256,
     }
@@ -351,6 +357,8 @@ def stage_search(run: _Run, done: bool) -> Searched:
 
     cfg, out = run.cfg, run.out
     run.space = build_space(run.model, run.size, skip_unsupported=cfg.space.skip_unsupported)
+    if cfg.space.prune_heads:
+        run.space = run.space.with_heads()
     run.dense_macs = measure_macs(run.model, run.size)
     run.mlog.write(
         "start", strategy=cfg.strategy, budget=cfg.budget, seed=cfg.seed, dense_macs=run.dense_macs

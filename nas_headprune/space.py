@@ -43,6 +43,10 @@ MLP_KINDS = ("hidden",)
 ChannelSink = Callable[[str, "torch.Tensor"], None]
 
 
+#: the dimension kind of a head count (whole-head pruning, :meth:`HeadSpace.with_heads`)
+HEADS = "heads"
+
+
 def dim_label(layer: str, kind: str) -> str:
     """The stable label of one dimension: ``"<module path>:<kind>"``."""
     return f"{layer}:{kind}"
@@ -258,6 +262,11 @@ class SpaceAdapter(ABC):
     #: initialises the indicators of linear-attention layers from their attention difference).
     #: Not used for MLP adapters.
     attention_kind: ClassVar[str] = "softmax"
+    #: Whether a layer of this adapter may also drop whole heads (:meth:`HeadSpace.with_heads` adds
+    #: a ``heads`` dimension): ``build_pruned`` then gets ``widths["heads"]`` and the sliced
+    #: parameters of the kept heads only, ``macs``/``params`` a ``heads`` width, and the masks a
+    #: ``(1, H)`` 0/1 head mask under the ``heads`` label (a dropped head's values are zeroed).
+    head_pruning: ClassVar[bool] = False
 
     def focused_features(
         self, module: nn.Module, *args: Any, **kwargs: Any
@@ -427,10 +436,58 @@ class HeadSpace:
         for name, layer in self.layers.items():
             dims = {}
             for k, d in layer.dims.items():
+                if k == HEADS:  # a head count: widths steps and minimums are about channels
+                    dims[k] = d
+                    continue
                 lo = max(min_width or d.min_width, 1)
                 dims[k] = DimSpec(d.label, d.kind, d.heads, d.max_width, min(lo, d.max_width), step)
             layers[name] = LayerSpace(layer.label, layer.family, layer.kind, dims, layer.meta, layer.adapter)
         return HeadSpace(layers, self.input_size, self.fixed_macs, self.fixed_params, self.skipped)
+
+    def with_heads(self) -> HeadSpace:
+        """A copy in which every attention layer whose adapter supports it (``head_pruning``) may
+        also drop whole heads: a ``<layer>:heads`` dimension, the number of heads kept (1 to ``H``),
+        shaped as one group of ``H`` units (selections ``(1, h)``, masks and scores ``(1, H)``).
+        Layers of other adapters keep all their heads (named in a warning)."""
+        layers = {}
+        without = set()
+        for name, layer in self.layers.items():
+            qk = layer.dims.get("qk")
+            if layer.kind != "attention" or qk is None or HEADS in layer.dims:
+                layers[name] = layer
+                continue
+            if not getattr(layer.adapter, "head_pruning", False):
+                without.add(layer.family)
+                layers[name] = layer
+                continue
+            dims = {**layer.dims, HEADS: DimSpec(dim_label(name, HEADS), HEADS, 1, qk.heads)}
+            layers[name] = LayerSpace(layer.label, layer.family, layer.kind, dims, layer.meta, layer.adapter)
+        if without:
+            log.warning(
+                "whole-head pruning is not supported by adapter(s) %s; their layers keep all heads",
+                ", ".join(sorted(without)),
+            )
+        return HeadSpace(layers, self.input_size, self.fixed_macs, self.fixed_params, self.skipped)
+
+    def without_heads(self) -> HeadSpace:
+        """A copy without ``heads`` dimensions (channel widths only)."""
+        layers = {
+            name: LayerSpace(
+                layer.label,
+                layer.family,
+                layer.kind,
+                {k: d for k, d in layer.dims.items() if k != HEADS},
+                layer.meta,
+                layer.adapter,
+            )
+            for name, layer in self.layers.items()
+        }
+        return HeadSpace(layers, self.input_size, self.fixed_macs, self.fixed_params, self.skipped)
+
+    @property
+    def has_heads(self) -> bool:
+        """Whether any layer may drop whole heads (:meth:`with_heads`)."""
+        return any(HEADS in layer.dims for layer in self.layers.values())
 
     # --------------------------------------------------------------- architecture
     def validate(self, arch: Mapping[str, object]) -> Architecture:

@@ -210,6 +210,8 @@ class Strategy(ABC):
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     #: the budget kinds the strategy can meet (``budget_kind`` of a run config)
     budget_kinds: ClassVar[tuple[str, ...]] = ("macs",)
+    #: whether the strategy can search spaces whose layers may drop whole heads (``space.prune_heads``)
+    head_pruning: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig | Mapping[str, Any] | None = None) -> None:
         if config is None:
@@ -234,6 +236,7 @@ class ScoringStrategy(Strategy):
 
     Config: ClassVar[type[StrategyConfig]] = ScoringConfig
     budget_kinds: ClassVar[tuple[str, ...]] = ("macs", "latency")
+    head_pruning: ClassVar[bool] = True
 
     @abstractmethod
     def score(self, ctx: SearchContext) -> dict[str, torch.Tensor]:
@@ -241,9 +244,13 @@ class ScoringStrategy(Strategy):
         Higher means more important."""
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        from nas_headprune.allocate import allocate
+        from dataclasses import replace
 
-        scores = self.score(ctx)
+        from nas_headprune.allocate import allocate, head_scores
+
+        # score() sees channel dimensions only; a head's score is derived from its channels' scores
+        channels = replace(ctx, space=ctx.space.without_heads()) if ctx.space.has_heads else ctx
+        scores = head_scores(ctx.space, self.score(channels))
         cfg = self.config
         assert isinstance(cfg, ScoringConfig)
         space = ctx.space.with_step(resolve_width_step(cfg.width_step, ctx.device), cfg.min_width)

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import _len_torch_dispatch_stack
 
 from nas_headprune.evaluator.cost import softmax_attention_macs
 from nas_headprune.space import (
+    HEADS,
     QUERY_SCALE,
     ChannelSink,
     DimSpec,
@@ -108,6 +109,8 @@ class FusedQkvAdapter(SpaceAdapter):
         self, module: nn.Module, layer: LayerSpace, masks: MaskSet
     ) -> list[torch.utils.hooks.RemovableHandle]:
         qk_label, v_label = layer.dims["qk"].label, layer.dims["v"].label
+        head_dim = layer.dims.get(HEADS)
+        heads_label = head_dim.label if head_dim is not None else None
         heads = layer.dims["qk"].heads
         d_qk, d_v = layer.dims["qk"].max_width, layer.dims["v"].max_width
 
@@ -126,10 +129,14 @@ class FusedQkvAdapter(SpaceAdapter):
 
         def mask_v(mod: nn.Module, args: tuple) -> tuple | None:
             m = masks.get(v_label)
-            if m is None:
+            keep = masks.get(heads_label) if heads_label is not None else None
+            if m is None and keep is None:
                 return None
             x = args[0]
-            flat = rearrange(m.to(x.dtype).reshape(heads, d_v), "h d -> (h d)")  # (H*d_v,)
+            per_head = torch.ones(heads, d_v, dtype=x.dtype, device=x.device) if m is None else m.to(x.dtype)
+            if keep is not None:  # a dropped head's values are zero, so its output is zero
+                per_head = per_head.reshape(heads, d_v) * keep.to(x.dtype).reshape(heads, 1)
+            flat = rearrange(per_head.reshape(heads, d_v), "h d -> (h d)")  # (H*d_v,)
             return (x * flat, *args[1:])
 
         return [
@@ -146,7 +153,7 @@ class FusedQkvAdapter(SpaceAdapter):
     ) -> dict[str, torch.Tensor]:
         """Fold per-kept-channel scales into the sliced rows: ``qk`` scales the query rows only (the
         softmax sees q.k, so scaling q_j scales that channel's term), ``v`` scales the value rows."""
-        heads = layer.dims["qk"].heads
+        heads = widths.get(HEADS, layer.dims["qk"].heads)
         w_qk, w_v = widths["qk"], widths["v"]
         row_scale = torch.ones(heads * (2 * w_qk + w_v), dtype=torch.float64)
         if "qk" in scales:
@@ -168,14 +175,14 @@ class FusedQkvAdapter(SpaceAdapter):
             m["kv_tokens"],
             m["embed_dim"],
             m["out_dim"],
-            layer.dims["qk"].heads,
+            widths.get(HEADS, layer.dims["qk"].heads),
             widths["qk"],
             widths["v"],
         )
 
     def params(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
         m = layer.meta
-        heads = layer.dims["qk"].heads
+        heads = widths.get(HEADS, layer.dims["qk"].heads)
         rows = heads * (2 * widths["qk"] + widths["v"])
         count = m["embed_dim"] * rows + heads * widths["v"] * m["out_dim"] + m["extra_params"]
         if m["qkv_bias"]:

@@ -91,6 +91,7 @@ class TimmAttentionAdapter(FusedQkvAdapter):
     """timm ``Attention`` (ViT, DeiT, ...) and the project's ``PrunedAttention``."""
 
     name = "timm_attention"
+    head_pruning = True
 
     def claims(self, module: nn.Module) -> bool:
         return type(module) in (Attention, PrunedAttention)
@@ -121,7 +122,7 @@ class TimmAttentionAdapter(FusedQkvAdapter):
         qkv, proj = cast(nn.Linear, module.qkv), cast(nn.Linear, module.proj)
         new = PrunedAttention(
             dim=qkv.in_features,
-            num_heads=heads,
+            num_heads=widths.get("heads", heads),
             head_dim_qk=widths["qk"],
             head_dim_v=widths["v"],
             scale=float(cast(float, module.scale)),

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nas_headprune.errors import ArchitectureError
-from nas_headprune.space import HeadSpace, Selection
+from nas_headprune.space import HEADS, HeadSpace, Selection, split_label
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +26,27 @@ META_ATTR = "nas_headprune_meta"
 BASE_ATTR = "nas_headprune_base"
 
 
-def _flat_indices(idx: torch.Tensor, offset: int, head_stride: int, channel_stride: int = 1) -> torch.Tensor:
+def _flat_indices(
+    idx: torch.Tensor,
+    offset: int,
+    head_stride: int,
+    channel_stride: int = 1,
+    head_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Positions of the kept channels along one axis of a parameter (the rule of
-    :class:`~nas_headprune.space.Slot`)."""
+    :class:`~nas_headprune.space.Slot`). ``head_ids`` (optional): the dense head each row of ``idx``
+    belongs to, when whole heads were dropped (by default rows 0..H-1)."""
     if idx.dim() == 1:  # MLP hidden units
         return idx * channel_stride + offset
-    heads = idx.shape[0]
-    base = torch.arange(heads).unsqueeze(1) * head_stride  # (H, 1)
+    heads = torch.arange(idx.shape[0]) if head_ids is None else head_ids
+    base = heads.unsqueeze(1) * head_stride  # (H, 1)
     return (base + idx * channel_stride + offset).reshape(-1)  # (H*w,) in (h, w) order
+
+
+def kept_heads(space: HeadSpace, selection: Selection, layer: str) -> torch.Tensor | None:
+    """The dense heads a layer keeps, ``(h,)``, when it may drop whole heads; else ``None``."""
+    d = space.layers[layer].dims.get(HEADS)
+    return None if d is None else selection[d.label].reshape(-1)
 
 
 def _takes_kept(adapter: object) -> bool:
@@ -62,10 +75,15 @@ def slice_parameters(
         lambda: defaultdict(list)
     )
     for label in space.dims:
+        if label not in graph:  # a head count owns no slice of its own
+            continue
         idx = selection[label]
+        heads = kept_heads(space, selection, split_label(label)[0])
+        if heads is not None:  # only the kept heads' rows, at their dense positions
+            idx = idx[heads]
         for node in graph.successors(label):
             slot = graph.nodes[node]
-            flat = _flat_indices(idx, slot["offset"], slot["head_stride"], slot["channel_stride"])
+            flat = _flat_indices(idx, slot["offset"], slot["head_stride"], slot["channel_stride"], heads)
             gathered[slot["layer"]][(slot["local"], slot["axis"])].append((slot["offset"], flat))
     out: dict[str, dict[str, torch.Tensor]] = {}
     for layer, per_param in gathered.items():
@@ -126,16 +144,23 @@ def materialize(
         widths = arch.layer_widths(name)
         layer_params = sliced[name]
         layer_scales = {}
+        heads = kept_heads(space, selection, name)
         for kind, d in layer.dims.items():
             if scales is not None and d.label in scales:
                 factors = scales[d.label].detach().reshape(d.heads, d.max_width)
-                layer_scales[kind] = torch.gather(factors, 1, selection[d.label].to(factors.device))
+                gathered = torch.gather(factors, 1, selection[d.label].to(factors.device))
+                layer_scales[kind] = gathered if heads is None else gathered[heads]
         if layer_scales:
             layer_params = layer.adapter.fold_scales(layer, widths, layer_params, layer_scales)
         # the kept indices go to adapters that declare ``kept`` (SpaceAdapter.build_pruned)
         build: Any = layer.adapter.build_pruned
         extra = (
-            {"kept": {k: selection[d.label] for k, d in layer.dims.items()}}
+            {
+                "kept": {
+                    k: selection[d.label] if heads is None or k == HEADS else selection[d.label][heads]
+                    for k, d in layer.dims.items()
+                }
+            }
             if _takes_kept(layer.adapter)
             else {}
         )
