@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import _search_args
-from zoo import input_size, make_model
+from zoo import MODEL_ZOO, input_size, make_model
 
 from nas_headprune.allocate import allocate, head_scores
 from nas_headprune.cli import main
@@ -44,7 +44,12 @@ def test_with_heads_adds_a_head_count_to_supported_attention_layers_only(caplog)
     for name, layer in space.layers.items():
         if layer.kind == "attention":
             d = layer.dims[HEADS]
-            assert (d.label, d.heads, d.max_width, d.min_width) == (f"{name}:heads", 1, layer.dims["qk"].heads, 1)
+            assert (d.label, d.heads, d.max_width, d.min_width) == (
+                f"{name}:heads",
+                1,
+                layer.dims["qk"].heads,
+                1,
+            )
         else:
             assert HEADS not in layer.dims
     assert space.has_heads and not space.without_heads().has_heads
@@ -107,11 +112,10 @@ def test_a_dropped_head_takes_its_own_channels_with_it() -> None:
 def test_pruned_model_with_dropped_heads_saves_and_loads_bit_exact(tmp_path) -> None:
     model, space = _setup("vit", True)
     selection = _selection(space, 5)
-    assert any(v < space.dims[k].max_width for k, v in selection.architecture().items() if k.endswith(":heads"))
+    assert any(
+        v < space.dims[k].max_width for k, v in selection.architecture().items() if k.endswith(":heads")
+    )
     pruned = materialize(model, space, selection)
-    setattr(pruned, "nas_headprune_base", {"name": "vit_tiny_patch16_224", "kwargs": {}})
-    from zoo import MODEL_ZOO
-
     name, kwargs, _ = MODEL_ZOO["vit"]
     save_pruned(pruned, tmp_path / "m", base={"name": name, "kwargs": kwargs})
     again = load_pruned(tmp_path / "m")
@@ -123,7 +127,9 @@ def test_pruned_model_with_dropped_heads_saves_and_loads_bit_exact(tmp_path) -> 
 def test_head_scores_sum_the_heads_normalised_channel_scores() -> None:
     _, space = _setup("vit", True)
     gen = torch.Generator().manual_seed(0)
-    scores = {k: torch.rand(d.heads * d.max_width, generator=gen) for k, d in space.without_heads().dims.items()}
+    scores = {
+        k: torch.rand(d.heads * d.max_width, generator=gen) for k, d in space.without_heads().dims.items()
+    }
     full = head_scores(space, scores)
     for layer in space.layers.values():
         if HEADS not in layer.dims:
