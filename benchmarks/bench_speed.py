@@ -2,14 +2,18 @@
 
     python benchmarks/bench_speed.py [--seeds 0 1 2] [--report docs/results/speed.md]
 
-In one run, at 50% of the dense MACs, with torch on 1 thread:
+In one run, at 50% of the dense MACs unless a variant says otherwise, with torch on 1 thread:
 
 - **Models.** The embedded Fashion-MNIST ViT (trained) and ``deit_tiny_patch16_224`` at 224x224
   (random weights), pruned by this project's ``magnitude`` and ``taylor`` strategies in these
-  variants: ``math path`` (the default architecture with unequal-width layers forced onto the math
-  path, which is what ran before the padded path existed), ``default`` (the default architecture,
-  attention paths as chosen at materialisation), ``tie_qk_v`` (``strategy_options.tie_qk_v=true``)
-  and ``tie_qk_v + step 8`` (``tie_qk_v`` and ``width_step=8``); next to them Torch-Pruning 1.6.1's
+  variants (``VARIANTS``): ``math path`` (the default architecture with unequal-width layers forced
+  onto the math path, which is what ran before the padded path existed), ``default`` (the default
+  architecture, attention paths as chosen at materialisation), ``tie_qk_v``
+  (``strategy_options.tie_qk_v=true``), ``tie_qk_v + step 8`` (and ``width_step=8``),
+  ``tie_qk_v + step 8 + heads`` (and ``space.prune_heads=true``: layers may drop whole heads), and
+  two latency budgets instead of the MACs budget: ``latency b64 0.5`` (``budget_kind=latency``, half
+  the dense latency at batch 64) and ``latency b1 0.8`` (80% of it at batch 1; half is below what
+  channel pruning can reach at batch 1 on the embedded ViT). Next to them Torch-Pruning 1.6.1's
   global head-dim pruning with L2 and with Taylor importance at the same MACs (bisection on its
   pruning ratio; benchmark-only extra ``bench``, see ``benchmarks/_torch_pruning_glue.py``).
 - **Speed.** Throughput ratios pruned / dense at batch 1 and 64, every model of one table timed
@@ -20,9 +24,14 @@ In one run, at 50% of the dense MACs, with torch on 1 thread:
   config at budget 0.5 (search, least-squares reweight, 150-step distilled fine-tune), one run folder
   per strategy, variant and seed under ``--root`` (finished runs are reused). Torch-Pruning's: the
   same fine-tune config and teacher through the project's ``finetune`` and ``evaluate`` (no
-  reweight step: that step needs this project's selection). Top-1 on the 10k test set, mean and
+  reweight step: that step needs this project's selection), kept under ``--root`` as well. Top-1 on the 10k test set, mean and
   standard deviation over the seeds. These runs and fine-tunes go to ``--workers`` processes with
   1 thread each; the timing runs afterwards, alone. The timed models are those of the first seed.
+
+- **Latency budgets.** A table under the main table lists, for the latency-budget rows, the budget,
+  the fraction of the dense latency the search's latency table predicted, and the fraction measured
+  in this run's timing. The embedded ViT's tables were measured by its pipeline runs (kept in their
+  run folders, ``latency_table.json``); deit_tiny's are measured here, uncached.
 
 deit_tiny has random weights, so its rows are about speed only; its Taylor scores (both projects')
 come from two batches of 16 random images with random labels.
@@ -45,6 +54,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _torch_pruning_glue import prune_at_ratio, prune_to_macs  # noqa: E402
 
 from nas_headprune.config import load_config  # noqa: E402
+from nas_headprune.evaluator.latency import latency_table  # noqa: E402
 from nas_headprune.evaluator.materialize import materialize  # noqa: E402
 from nas_headprune.evaluator.measure import measure_macs  # noqa: E402
 from nas_headprune.evaluator.metrics import attention_paths, measure_throughput  # noqa: E402
@@ -63,12 +74,21 @@ from nas_headprune.strategy import SearchContext, validate_result  # noqa: E402
 
 BUDGET = 0.5
 STRATEGIES = ("magnitude", "taylor")
-#: our variants: name -> strategy options
-VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "tie_qk_v": {"tie_qk_v": True},
-    "tie_qk_v + step 8": {"tie_qk_v": True, "width_step": 8},
+#: our variants: name -> config overrides on top of ``budget=0.5`` (the default config otherwise)
+VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "tie_qk_v": ["strategy_options.tie_qk_v=true"],
+    "tie_qk_v + step 8": ["strategy_options.tie_qk_v=true", "strategy_options.width_step=8"],
+    "tie_qk_v + step 8 + heads": [
+        "strategy_options.tie_qk_v=true",
+        "strategy_options.width_step=8",
+        "space.prune_heads=true",
+    ],
+    "latency b64 0.5": ["budget_kind=latency", "latency.batch_size=64", "latency.threads=1"],
+    "latency b1 0.8": ["budget_kind=latency", "budget=0.8", "latency.batch_size=1", "latency.threads=1"],
 }
+#: the latency table settings of the deit_tiny rows (fewer grid points and rounds: 224x224 is slow)
+DEIT_LATENCY = {"points": 4, "rounds": 7, "warmup": 2}
 MATH = "math path"
 TP_IMPORTANCES = {
     "l2": "Torch-Pruning L2 head-dim, global",
@@ -84,6 +104,8 @@ class Row:
     options: str
     model: nn.Module
     accuracy: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> before / after
+    #: under a latency budget: its batch size, budget and the table's predicted fraction of dense
+    latency: dict[str, float] | None = None
 
 
 def _force_math(model: nn.Module) -> nn.Module:
@@ -155,24 +177,40 @@ def pipeline_job(strategy: str, variant: str, seed: int, root: str) -> dict[str,
         f"budget={BUDGET}",
         f"seed={seed}",
         "progress=false",
-        *(f"strategy_options.{k}={str(v).lower()}" for k, v in VARIANTS[variant].items()),
+        *VARIANTS[variant],
     ]
     t0 = time.perf_counter()
     result = run_search(load_config("default", overrides), _folder(Path(root), strategy, variant, seed))
+    latency = result.get("latency")
     return {
         "before": result["pruned"]["before_finetune"]["top1"],
         "after": result["pruned"]["after_finetune"]["top1"],
         "dense": result["dense"]["top1"],
         "seconds": time.perf_counter() - t0,
+        "latency": {k: latency[k] for k in ("batch_size", "budget", "predicted_fraction")}
+        if latency
+        else None,
     }
 
 
-def torch_pruning_job(importance: str, seed: int, keep_weights: bool) -> dict[str, Any]:
-    """Torch-Pruning at the budget, then the default config's fine-tune and evaluation."""
+def torch_pruning_job(importance: str, seed: int, keep_weights: bool, root: str) -> dict[str, Any]:
+    """Torch-Pruning at the budget, then the default config's fine-tune and evaluation; kept under
+    ``root`` (``tp-<importance>-s<seed>``) and reused like our run folders."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from nas_headprune.atomic import atomic_path, atomic_write_json
     from nas_headprune.evaluator.finetune import finetune
     from nas_headprune.evaluator.metrics import evaluate
     from nas_headprune.runner import load_base_model
 
+    folder = Path(root) / f"tp-{importance}-s{seed}"
+    if (folder / "result.json").is_file():
+        done = json.loads((folder / "result.json").read_text())
+        done["weights"] = load_file(str(folder / "model.safetensors")) if keep_weights else None
+        done["reused"] = True
+        return done
     t0 = time.perf_counter()
     dense, _ = load_base_model(load_config("default", []))
     dense.eval()
@@ -190,14 +228,13 @@ def torch_pruning_job(importance: str, seed: int, keep_weights: bool) -> dict[st
         progress=False,
     )
     after = evaluate(pruned, test_loader)["top1"]
-    weights = {k: v.clone() for k, v in pruned.state_dict().items()} if keep_weights else None
-    return {
-        "before": before,
-        "after": after,
-        "ratio": ratio,
-        "weights": weights,
-        "seconds": time.perf_counter() - t0,
-    }
+    state = {k: v.detach().clone().contiguous() for k, v in pruned.state_dict().items()}
+    record = {"before": before, "after": after, "ratio": ratio, "seconds": time.perf_counter() - t0}
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    atomic_write_json(folder / "result.json", record)
+    return {**record, "weights": state if keep_weights else None, "reused": False}
 
 
 def embedded_rows(
@@ -214,7 +251,7 @@ def embedded_rows(
         for importance in TP_IMPORTANCES:  # the longest jobs first
             for seed in seeds:
                 jobs["tp", importance, seed] = pool.submit(
-                    torch_pruning_job, importance, seed, seed == seeds[0]
+                    torch_pruning_job, importance, seed, seed == seeds[0], str(root)
                 )
         for strategy in STRATEGIES:
             for variant in VARIANTS:
@@ -227,6 +264,8 @@ def embedded_rows(
         results = {}
         for key, job in jobs.items():
             results[key] = job.result()
+            if key[0] == "tp" and results[key].get("reused"):
+                reused.append(f"tp-{key[1]}-s{key[2]}")
             log(f"  {' '.join(map(str, key))}: {results[key]['seconds']:.0f} s")
 
     dense, _ = load_base_model(load_config("default", []))
@@ -238,7 +277,7 @@ def embedded_rows(
             acc = {seed: results[strategy, variant, seed] for seed in seeds}
             if variant == "default":
                 out.append(Row(strategy, MATH, _force_math(model), acc))
-            out.append(Row(strategy, variant, model, acc))
+            out.append(Row(strategy, variant, model, acc, results[strategy, variant, seeds[0]]["latency"]))
     _, _, _, calib, size = _data(seeds[0])
     for importance, label in TP_IMPORTANCES.items():
         first = results["tp", importance, seeds[0]]
@@ -262,19 +301,39 @@ def deit_rows(log: Any) -> tuple[nn.Module, tuple[int, ...], list[Row]]:
         for _ in range(2)
     ]
     dense_macs = measure_macs(dense, size)
-    space = build_space(dense, size)
+    base_space = build_space(dense, size)
     out: list[Row] = []
     for strategy in STRATEGIES:
-        ctx = SearchContext(
-            model=dense, space=space, budget=BUDGET, dense_macs=dense_macs, calib=calib, seed=0
-        )
-        for variant, options in VARIANTS.items():
+        for variant, overrides in VARIANTS.items():
             t0 = time.perf_counter()
+            settings = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}
+            options = {
+                k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("strategy_options.")
+            }
+            space = base_space.with_heads() if settings.get("space.prune_heads") else base_space
+            ctx = SearchContext(
+                model=dense,
+                space=space,
+                budget=settings.get("budget", BUDGET),
+                dense_macs=dense_macs,
+                calib=calib,
+                seed=0,
+            )
+            latency = None
+            if settings.get("budget_kind") == "latency":
+                batch = settings["latency.batch_size"]
+                ctx.budget_kind = "latency"
+                ctx.latency, _ = latency_table(
+                    dense, space, batch_size=batch, device="cpu", threads=1, cache_dir="", **DEIT_LATENCY
+                )
             selection, _ = validate_result(strategy, ctx, make_strategy(strategy, options).search(ctx))
+            if ctx.latency is not None:
+                predicted = ctx.latency.predict(space, selection.architecture()) / ctx.latency.dense_ms
+                latency = {"batch_size": batch, "budget": ctx.budget, "predicted_fraction": predicted}
             model = materialize(dense, space, selection).eval()
             if variant == "default":
                 out.append(Row(strategy, MATH, _force_math(model)))
-            out.append(Row(strategy, variant, model))
+            out.append(Row(strategy, variant, model, latency=latency))
             log(f"  deit {strategy} {variant}: {time.perf_counter() - t0:.0f} s")
     for importance, label in TP_IMPORTANCES.items():
         t0 = time.perf_counter()
@@ -344,13 +403,36 @@ def table(
             cells += [_acc(row, "before"), _acc(row, "after")]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    return lines
+    return lines + latency_lines(rows, speed)
+
+
+def latency_lines(rows: list[Row], speed: dict[int, dict[str, dict[str, Any]]]) -> list[str]:
+    """The latency-budget rows: budget, the table's prediction and this run's measurement."""
+    picked = [(i, r) for i, r in enumerate(rows) if r.latency]
+    if not picked:
+        return []
+    lines = [
+        "Latency budgets (pruned / dense latency at the budget's batch size; predicted by the latency "
+        "table the search used, measured in the timing above):",
+        "",
+        "| pruned by | variant | batch | budget | predicted | measured | measured / budget |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for i, row in picked:
+        assert row.latency is not None
+        batch = int(row.latency["batch_size"])
+        measured = 1.0 / speed[batch][str(i)]["speedup"]
+        lines.append(
+            f"| {row.label} | {row.options} | {batch} | {row.latency['budget']:.2f} | "
+            f"{row.latency['predicted_fraction']:.3f} | {measured:.3f} | {measured / row.latency['budget']:.2f} |"
+        )
+    return lines + [""]
 
 
 def architectures(rows: list[Row]) -> list[str]:
     """Per row, the widths it kept: head widths (q/k / v) and MLP units per block."""
     lines = [
-        "| pruned by | variant | per block: d_qk/d_v, MLP units (embedding width) |",
+        "| pruned by | variant | per block: heads x d_qk/d_v, MLP units (embedding width) |",
         "| --- | --- | --- |",
     ]
     for row in rows:
@@ -359,7 +441,8 @@ def architectures(rows: list[Row]) -> list[str]:
         parts = []
         for block in getattr(row.model, "blocks", []):
             attn, mlp = block.attn, block.mlp
-            parts.append(f"{attn.head_dim_qk}/{attn.head_dim_v}, {mlp.fc1.out_features}")
+            heads = f"{attn.num_heads}x" if hasattr(attn, "head_dim_qk") else ""
+            parts.append(f"{heads}{attn.head_dim_qk}/{attn.head_dim_v}, {mlp.fc1.out_features}")
         embed = row.model.blocks[0].norm1.normalized_shape[0]
         lines.append(f"| {row.label} | {row.options} | {'; '.join(parts)} ({embed}) |")
     return lines + [""]
