@@ -443,7 +443,10 @@ def _latency_table(run: _Run, done: bool) -> Any:
     path = run.out / "latency_table.json"
     if done:
         try:
-            return LatencyTable.from_dict(read_json(path, "latency table"))
+            table = LatencyTable.from_dict(read_json(path, "latency table"))
+            if set(table.layers) != set(run.space.layers):
+                raise ValueError("its layers are not this model's")
+            return table
         except ValueError as exc:
             raise CheckpointError(f"{path} is damaged or was edited ({exc}); rerun with --restart") from exc
     lat = run.cfg.latency

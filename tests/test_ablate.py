@@ -123,7 +123,9 @@ def test_every_section_of_every_trial_is_validated_before_any_trial_runs(tmp_pat
     assert not (tmp_path / "ab" / "runs").exists()
 
 
-@pytest.mark.parametrize("preset", ["fmnist_baselines", "flatten_baselines", "components", "similarity_study"])
+@pytest.mark.parametrize(
+    "preset", ["fmnist_baselines", "flatten_baselines", "components", "similarity_study"]
+)
 def test_presets_validate_and_have_a_quick_version(preset):
     from nas_headprune.ablate import validate_trials
 

@@ -276,3 +276,16 @@ def test_unreachable_latency_budget_is_a_usage_error(tmp_path, capsys) -> None:
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "ms" in err and "smallest architecture" in err and "Traceback" not in err
+
+
+def test_damaged_run_folder_table_is_named(tmp_path, capsys) -> None:
+    assert main(_latency_args(tmp_path)) == 0
+    run = tmp_path / "run"
+    (run / "result.json").unlink()
+    table = json.loads((run / "latency_table.json").read_text())
+    table["layers"] = {}
+    (run / "latency_table.json").write_text(json.dumps(table))
+    capsys.readouterr()
+    assert main(_latency_args(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "latency_table.json" in err and "--restart" in err and "Traceback" not in err
