@@ -16,6 +16,7 @@ import yaml
 
 from nas_headprune.ablate import AblationSpec, expand, load_spec, parse_shard, run_ablation, shard_trials
 from nas_headprune.cli import main
+from nas_headprune.config import preset_names
 from nas_headprune.errors import ConfigError, UsageError
 from nas_headprune.report import write_report
 from nas_headprune.store import ResultsStore, StoreError, load_rows
@@ -123,9 +124,7 @@ def test_every_section_of_every_trial_is_validated_before_any_trial_runs(tmp_pat
     assert not (tmp_path / "ab" / "runs").exists()
 
 
-@pytest.mark.parametrize(
-    "preset", ["fmnist_baselines", "flatten_baselines", "components", "similarity_study"]
-)
+@pytest.mark.parametrize("preset", preset_names("ablations"))
 def test_presets_validate_and_have_a_quick_version(preset):
     from nas_headprune.ablate import validate_trials
 
