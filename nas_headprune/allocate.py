@@ -14,15 +14,11 @@ from typing import Literal, Protocol
 
 import torch
 
-from nas_headprune.errors import UsageError
+from nas_headprune.errors import BudgetError, UsageError
 from nas_headprune.evaluator.cost import analytic_cost
 from nas_headprune.space import HEADS, Architecture, DimSpec, HeadSpace, split_label
 
 log = logging.getLogger(__name__)
-
-
-class BudgetError(UsageError):
-    """The budget cannot be met within the space's minimum widths."""
 
 
 class CostModel(Protocol):

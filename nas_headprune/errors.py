@@ -51,3 +51,23 @@ class RunFolderError(UsageError):
 
 class NonFiniteLossError(NasHeadpruneError):
     """Training produced a NaN or infinite loss; the run stops instead of saving a broken model."""
+
+
+class LaunchError(NasHeadpruneError):
+    """The scheduler refused a submission (exit code 1)."""
+
+
+class DuplicatePluginError(UsageError):
+    """Two installed distributions publish the same plugin name."""
+
+
+class BudgetError(UsageError):
+    """The budget cannot be met within the space's minimum widths."""
+
+
+class StoreError(NasHeadpruneError):
+    """A results store that is corrupt, foreign or from an incompatible version."""
+
+
+class MissingDependencyError(UsageError):
+    """An optional extra that a requested feature needs is not installed."""

@@ -42,7 +42,7 @@ from nas_headprune.ablate import (
     run_ablation,
     validate_trials,
 )
-from nas_headprune.errors import ConfigError, NasHeadpruneError, UsageError
+from nas_headprune.errors import ConfigError, LaunchError, NasHeadpruneError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,6 @@ JOBS_FILE = "launcher.json"
 _SLURM_ACTIVE = frozenset(
     {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "RESIZING"}
 )
-
-
-class LaunchError(NasHeadpruneError):
-    """The scheduler refused a submission (exit code 1)."""
 
 
 def import_submitit() -> ModuleType:

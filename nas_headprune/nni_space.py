@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
-from nas_headprune.errors import ArchitectureError, UsageError
+from nas_headprune.errors import ArchitectureError, MissingDependencyError, UsageError
 
 if TYPE_CHECKING:
     from nas_headprune.space import Architecture, HeadSpace
@@ -43,10 +43,6 @@ BUDGET_LABEL = "macs_budget"
 _NAS_MODULES = ("nni.nas.space", "nni.nas.evaluator", "nni.nas.execution", "nni.nas.strategy")
 #: bound on the exponent of the budget prior, so no weight underflows to exactly zero
 _MAX_TILT = 30.0
-
-
-class MissingDependencyError(UsageError):
-    """An optional extra that a requested feature needs is not installed."""
 
 
 def require_nni(nas: bool = False) -> ModuleType:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
-from nas_headprune.errors import ConfigError, UnknownNameError, UsageError
+from nas_headprune.errors import ConfigError, DuplicatePluginError, UnknownNameError
 
 if TYPE_CHECKING:
     from nas_headprune.strategy import Strategy
@@ -23,10 +23,6 @@ log = logging.getLogger(__name__)
 
 STRATEGY_GROUP = "nas_headprune.strategies"
 SPACE_GROUP = "nas_headprune.spaces"
-
-
-class DuplicatePluginError(UsageError):
-    """Two installed distributions publish the same plugin name."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from nas_headprune.errors import NasHeadpruneError, UsageError
+from nas_headprune.errors import StoreError, UsageError
 
 APP = "nas-headprune-ablation"
 SCHEMA = 2
@@ -68,10 +68,6 @@ _TRIAL_COLUMNS = (
 )
 
 STATUSES = ("pending", "running", "done", "failed")
-
-
-class StoreError(NasHeadpruneError):
-    """A results store that is corrupt, foreign or from an incompatible version."""
 
 
 def store_name(shard: tuple[int, int] | None) -> str:
