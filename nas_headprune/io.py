@@ -9,31 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from nas_headprune.atomic import atomic_path, atomic_write_text
 from nas_headprune.errors import ArchitectureError, CheckpointError, UsageError
 
 FORMAT = "nas-headprune/pruned-model"
 FORMAT_VERSION = 1
 ARCH_FILE = "pruned.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def _replace_atomically(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_pruned(model: nn.Module, directory: str | os.PathLike, base: dict[str, Any] | None = None) -> Path:
@@ -74,10 +61,9 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, base: dict[str, 
         "scaled": meta.get("scaled", []),
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    _replace_atomically(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    _replace_atomically(
-        out / ARCH_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
-    )
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    atomic_write_text(out / ARCH_FILE, json.dumps(record, indent=2) + "\n")
     return out
 
 

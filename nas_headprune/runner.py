@@ -47,11 +47,11 @@ _FINETUNE_UNFINGERPRINTED = ("log_every",)
 
 
 def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' was asked for but no CUDA device is available; use 'cpu' or 'auto'")
-    return name
+    """A run config's ``device`` as the device string the stages use (``"auto"``: CUDA when
+    available); the rule is :func:`nas_headprune.evaluator.metrics.resolve_device`'s."""
+    from nas_headprune.evaluator.metrics import resolve_device as resolve
+
+    return str(resolve(name))
 
 
 def load_base_model(cfg: RunConfig) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from nas_headprune.errors import ArchitectureError
+from nas_headprune.models.factory import BASE_ATTR
 from nas_headprune.space import HEADS, HeadSpace, Selection, split_label
 
 log = logging.getLogger(__name__)
 
 META_ATTR = "nas_headprune_meta"
-BASE_ATTR = "nas_headprune_base"
 
 
 def _flat_indices(

@@ -311,5 +311,6 @@ def trace_forward(
     return trace
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared parameters counted once); only those with grad when ``trainable_only``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas_headprune.errors import UsageError
+from nas_headprune.evaluator.measure import count_params
 
 __all__ = [
     "attention_paths",
@@ -135,11 +136,6 @@ def evaluate(
     if num_classes > 5:
         result["top5"] = 100.0 * top5_hits / samples
     return result
-
-
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (shared parameters counted once); only those with grad when ``trainable_only``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def attention_paths(model: nn.Module, device: str | torch.device = "cpu") -> dict[str, str]:

@@ -346,7 +346,9 @@ def _strip_hub_kwargs(pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any
 def _set_cfg(model: nn.Module, name: str, in_chans: int, img_size: Any, mnist: bool) -> None:
     size = img_size if isinstance(img_size, (tuple, list)) else (img_size, img_size)
     if mnist:  # Fashion-MNIST statistics
-        mean, std = (0.2860,) * in_chans, (0.3530,) * in_chans
+        from nas_headprune.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+        mean, std = (FASHION_MNIST_MEAN,) * in_chans, (FASHION_MNIST_STD,) * in_chans
     else:  # ImageNet
         mean, std = (0.485, 0.456, 0.406)[:in_chans], (0.229, 0.224, 0.225)[:in_chans]
     cfg = {
