@@ -108,6 +108,25 @@ def finite_json(value: Any, where: str = "") -> tuple[Any, list[str]]:
     return value, []
 
 
+class JsonLines:
+    """Appends one JSON object per line to ``path``, flushed at once (``metrics.jsonl`` of a run, of a
+    fine-tune); NaN and infinity are written as ``null``. A no-op when ``path`` is None or the
+    writer is not ``enabled`` (every rank but the first under torchrun)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, enabled: bool = True) -> None:
+        self.path = Path(path) if path is not None and enabled else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        clean, _ = finite_json(record)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(clean) + "\n")
+            fh.flush()
+
+
 def read_json(path: Path, what: str) -> Any:
     """A JSON file written by this project; damage is a :class:`CheckpointError` naming the file."""
     try:

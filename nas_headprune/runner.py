@@ -35,7 +35,7 @@ from nas_headprune import __version__
 from nas_headprune.atomic import atomic_write_text
 from nas_headprune.config import DataConfig, RunConfig, TrainConfig
 from nas_headprune.errors import CheckpointError, ConfigError, StrategyError
-from nas_headprune.runfolder import RunFolder, finite_json, read_json, read_tensors
+from nas_headprune.runfolder import JsonLines, RunFolder, finite_json, read_json, read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +108,13 @@ def versions() -> dict[str, str]:
 
 
 class MetricsLog:
-    """Append-only JSON lines (one event per line), flushed at once."""
+    """The run's ``metrics.jsonl``: one event per line, with its name and time."""
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path = path
-        self.enabled = enabled
+        self.lines = JsonLines(path, enabled)
 
     def write(self, event: str, **fields: Any) -> None:
-        if not self.enabled:
-            return
-        clean, _ = finite_json(fields)
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps({"event": event, "time": time.time(), **clean}) + "\n")
-            fh.flush()
+        self.lines.write({"event": event, "time": time.time(), **fields})
 
 
 def _check_fits_data(model: torch.nn.Module, size: tuple[int, ...], num_classes: int, cfg: RunConfig) -> None:

@@ -47,7 +47,8 @@ from torch.nn.parallel import DistributedDataParallel
 from nas_headprune.atomic import atomic_path
 from nas_headprune.config import FinetuneConfig
 from nas_headprune.errors import CheckpointError, NonFiniteLossError, UsageError
-from nas_headprune.evaluator.metrics import amp_dtype, evaluate, resolve_device, split_batch
+from nas_headprune.evaluator.metrics import amp_dtype, evaluate, is_distributed, resolve_device, split_batch
+from nas_headprune.runfolder import JsonLines
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -166,10 +167,6 @@ def config_fingerprint(cfg: FinetuneConfig, seed: int, model: nn.Module, steps_p
 # distributed helpers
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def init_distributed_from_env() -> tuple[int, int, torch.device]:
     """Join the process group ``torchrun`` describes in the environment; return ``(rank, world_size, device)``.
 
@@ -205,7 +202,7 @@ def init_distributed_from_env() -> tuple[int, int, torch.device]:
 
 def cleanup_distributed() -> None:
     """Leave the process group if one was initialised; safe to call otherwise."""
-    if _distributed():
+    if is_distributed():
         dist.destroy_process_group()
 
 
@@ -321,7 +318,7 @@ def _read_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
 
 def _gather_rng_states() -> list[dict[str, Any]]:
     local = _capture_rng_state()
-    if not _distributed():
+    if not is_distributed():
         return [local]
     states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, local)
@@ -330,21 +327,6 @@ def _gather_rng_states() -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------------------
 # logging and progress
-
-
-class _JsonLines:
-    """Appends one JSON object per line to ``path``; a no-op when ``path`` is None or off this rank."""
-
-    def __init__(self, path: str | os.PathLike[str] | None, enabled: bool) -> None:
-        self.path = Path(path) if path is not None and enabled else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
 
 
 def _progress(enabled: bool) -> Any:
@@ -428,7 +410,7 @@ def finetune(
     if teacher is not None and not cfg.distill:
         logger.warning("a teacher was passed but cfg.distill is false; the teacher is not used")
     dev = resolve_device(device)
-    distributed = _distributed()
+    distributed = is_distributed()
     rank = dist.get_rank() if distributed else 0
     world_size = dist.get_world_size() if distributed else 1
     is_main = rank == 0
@@ -507,7 +489,7 @@ def finetune(
             device_ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
         train_model = DistributedDataParallel(model, device_ids=device_ids)
 
-    log = _JsonLines(metrics_log, enabled=is_main)
+    log = JsonLines(metrics_log, enabled=is_main)
     epochs_run = 0
     try:
         with _progress(progress and is_main) as bar:
@@ -614,7 +596,7 @@ def _train_epoch(
     params: list[nn.Parameter],
     dtype: torch.dtype | None,
     dev: torch.device,
-    log: _JsonLines,
+    log: JsonLines,
     bar: Any,
 ) -> dict[str, Any]:
     """One epoch; returns its record ``{epoch, step, train_loss, lr, seconds}``."""
@@ -674,7 +656,7 @@ def _train_epoch(
             mean = window_sum.item() / window_n
             # under DDP the ranks stop together at the end of the epoch, after the all-reduce below:
             # a rank that raised here alone would leave the others waiting in their next backward
-            if not math.isfinite(mean) and not _distributed():
+            if not math.isfinite(mean) and not is_distributed():
                 watch.raise_error(epoch, cfg)
             log.write({"event": "step", "epoch": epoch, "step": step, "loss": mean, "lr": lr})
             logger.debug("step %d: loss %.4f, lr %.3g", step, mean, lr)
@@ -687,7 +669,7 @@ def _train_epoch(
             "the train loader gave %d batches in epoch %d, expected %d", done, epoch, steps_per_epoch
         )
     totals = torch.stack([epoch_sum, torch.tensor(float(done), dtype=torch.float64, device=dev)])
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(totals)
     loss_sum, batches = totals.tolist()
     bar.remove_task(task)
@@ -757,5 +739,5 @@ def _write_checkpoint(
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
         logger.debug("wrote checkpoint %s (epoch %d, step %d)", path, epoch, step)
-    if _distributed():
+    if is_distributed():
         dist.barrier()

@@ -71,7 +71,8 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """Whether a torch.distributed process group is running (under torchrun)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -120,7 +121,7 @@ def evaluate(
     finally:
         model.train(was_training)
 
-    if _distributed():
+    if is_distributed():
         classes = torch.tensor([num_classes], dtype=torch.float64, device=dev)
         torch.distributed.all_reduce(totals)
         torch.distributed.all_reduce(classes, op=torch.distributed.ReduceOp.MAX)
