@@ -63,7 +63,7 @@ from nas_headprune.errors import (
     UsageError,
 )
 from nas_headprune.evaluator.cost import analytic_cost
-from nas_headprune.evaluator.metrics import amp_dtype
+from nas_headprune.evaluator.metrics import amp_dtype, batch_inputs
 from nas_headprune.space import (
     QUERY_SCALE,
     ChannelSink,
@@ -406,7 +406,7 @@ def channel_grams(
         model.eval()
         try:
             for batch in batches:
-                model(_inputs(batch).to(device))
+                model(batch_inputs(batch).to(device))
         finally:
             model.train(was_training)
     finally:
@@ -607,7 +607,7 @@ def _attention_difference_init(
     try:
         with torch.no_grad():
             for batch in batches:
-                model(_inputs(batch).to(ctx.device))
+                model(batch_inputs(batch).to(ctx.device))
     finally:
         for h in handles:
             h.remove()
@@ -775,10 +775,6 @@ def fit_budget(
 
 
 # ============================================================================ helpers
-
-
-def _inputs(batch: Any) -> Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _logits(out: Any) -> Tensor:

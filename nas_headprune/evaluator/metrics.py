@@ -24,6 +24,7 @@ from nas_headprune.errors import UsageError
 from nas_headprune.evaluator.measure import count_params
 
 __all__ = [
+    "batch_inputs",
     "attention_paths",
     "count_params",
     "evaluate",
@@ -52,6 +53,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
             f"device {device!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'"
         )
     return resolved
+
+
+def batch_inputs(batch: Any) -> torch.Tensor:
+    """The inputs of a batch: a tensor as it is, or the first item of ``(inputs, targets, ...)``."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from nas_headprune.config import ReweightConfig
 from nas_headprune.errors import ArchitectureError, UsageError
+from nas_headprune.evaluator.metrics import batch_inputs
 from nas_headprune.space import HeadSpace
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ def _fit_lstsq(
 ) -> int:
     """Sequential ridge refit of every consumer; returns the most tokens one fit used."""
     gen = torch.Generator().manual_seed(_SEED)
-    images_per_batch = [_images(b).shape[0] for b in batches]
+    images_per_batch = [batch_inputs(b).shape[0] for b in batches]
     most = 0
     for name, cons in names.items():
         linear = cast(nn.Linear, pruned.get_submodule(cons))
@@ -261,7 +262,7 @@ def _fit_lstsq(
         used = 0
         with torch.no_grad():
             for batch in batches:
-                images = _images(batch).to(device)
+                images = batch_inputs(batch).to(device)
                 y = _capture(dense, cons, images, "output")  # (T, C_out)
                 x = _capture(pruned, cons, images, "input")  # (T, k)
                 if x.shape[0] != y.shape[0]:
@@ -342,7 +343,7 @@ def _fit_scales(
             start = _mean(list(_relative(_error_sums(dense, pruned, names, batches, device)).values()))
         opt = torch.optim.Adam(list(scales.values()), lr=cfg.scale_lr)
         for step in range(cfg.scale_steps):
-            images = _images(batches[step % len(batches)]).to(device)
+            images = batch_inputs(batches[step % len(batches)]).to(device)
             with torch.no_grad():
                 targets = _outputs(dense, names, images)
             with torch.enable_grad():
@@ -377,10 +378,6 @@ def _fit_scales(
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _images(batch: Batch) -> Tensor:
-    return batch if isinstance(batch, Tensor) else batch[0]
-
-
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -416,7 +413,7 @@ def _error_sums(
     """Per layer, ``(sum ||Y - Y_hat||^2, sum ||Y||^2)`` over every token of ``batches``."""
     sums = {name: [0.0, 0.0] for name in names}
     for batch in batches:
-        images = _images(batch).to(device)
+        images = batch_inputs(batch).to(device)
         ref = _outputs(dense, names, images)
         out = _outputs(pruned, names, images)
         for name in names:
