@@ -7,15 +7,15 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from nas_headprune.space import HeadSpace
+from nas_headprune.space import HeadSpace, slot_positions
 
 
 def channel_index(
     heads: int, width: int, offset: int, head_stride: int, channel_stride: int = 1
 ) -> torch.Tensor:
-    """``(H, d)`` positions of every channel along a slot's axis (:class:`~nas_headprune.space.Slot`)."""
-    heads_at = torch.arange(heads).unsqueeze(1) * head_stride  # (H, 1)
-    return offset + heads_at + torch.arange(width) * channel_stride  # (H, d)
+    """``(H, d)`` positions of every channel along a slot's axis (:func:`~nas_headprune.space.slot_positions`)."""
+    every = torch.arange(width).expand(heads, width)  # (H, d)
+    return slot_positions(every, offset, head_stride, channel_stride)
 
 
 def reduce_coupled(
@@ -33,6 +33,8 @@ def reduce_coupled(
     graph = space.coupling_graph()
     out: dict[str, torch.Tensor] = {}
     for label, d in space.dims.items():
+        if label not in graph:  # a head count owns no parameter slice
+            continue
         total = torch.zeros(d.heads, d.max_width, dtype=torch.float64)
         for node in graph.successors(label):
             slot = graph.nodes[node]

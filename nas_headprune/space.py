@@ -121,6 +121,25 @@ class Slot:
     channel_stride: int = 1
 
 
+def slot_positions(
+    idx: torch.Tensor,
+    offset: int,
+    head_stride: int,
+    channel_stride: int = 1,
+    head_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Where channels ``idx`` (``(H, w)`` per head, or ``(m,)`` for an MLP) sit along a slot's axis:
+    the rule of :class:`Slot`, ``offset + h * head_stride + j * channel_stride``, same shape as
+    ``idx``. ``head_ids`` (optional) are the dense heads of ``idx``'s rows (by default 0..H-1), for
+    layers that dropped whole heads."""
+    import torch
+
+    if idx.dim() == 1:  # MLP hidden units
+        return idx * channel_stride + offset
+    heads = torch.arange(idx.shape[0]) if head_ids is None else head_ids
+    return offset + heads.unsqueeze(1) * head_stride + idx * channel_stride  # (H, w)
+
+
 @dataclass(frozen=True)
 class LayerSpace:
     """A prunable layer: its dimensions, its static shape facts and the adapter that owns it."""

@@ -19,28 +19,11 @@ from torch import nn
 
 from nas_headprune.errors import ArchitectureError
 from nas_headprune.models.factory import BASE_ATTR
-from nas_headprune.space import HEADS, HeadSpace, Selection, split_label
+from nas_headprune.space import HEADS, HeadSpace, Selection, slot_positions, split_label
 
 log = logging.getLogger(__name__)
 
 META_ATTR = "nas_headprune_meta"
-
-
-def _flat_indices(
-    idx: torch.Tensor,
-    offset: int,
-    head_stride: int,
-    channel_stride: int = 1,
-    head_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Positions of the kept channels along one axis of a parameter (the rule of
-    :class:`~nas_headprune.space.Slot`). ``head_ids`` (optional): the dense head each row of ``idx``
-    belongs to, when whole heads were dropped (by default rows 0..H-1)."""
-    if idx.dim() == 1:  # MLP hidden units
-        return idx * channel_stride + offset
-    heads = torch.arange(idx.shape[0]) if head_ids is None else head_ids
-    base = heads.unsqueeze(1) * head_stride  # (H, 1)
-    return (base + idx * channel_stride + offset).reshape(-1)  # (H*w,) in (h, w) order
 
 
 def kept_heads(space: HeadSpace, selection: Selection, layer: str) -> torch.Tensor | None:
@@ -83,7 +66,8 @@ def slice_parameters(
             idx = idx[heads]
         for node in graph.successors(label):
             slot = graph.nodes[node]
-            flat = _flat_indices(idx, slot["offset"], slot["head_stride"], slot["channel_stride"], heads)
+            flat = slot_positions(idx, slot["offset"], slot["head_stride"], slot["channel_stride"], heads)
+            flat = flat.reshape(-1)  # (H*w,) in (h, w) order
             gathered[slot["layer"]][(slot["local"], slot["axis"])].append((slot["offset"], flat))
     out: dict[str, dict[str, torch.Tensor]] = {}
     for layer, per_param in gathered.items():
