@@ -55,14 +55,10 @@ class StrategyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class ScoringConfig(StrategyConfig):
-    """Options of the shared allocator, inherited by every scoring strategy."""
+class WidthConfig(StrategyConfig):
+    """The widths a strategy may choose: the step and the minimum (for every strategy that builds
+    architectures; applied with :meth:`~nas_headprune.space.HeadSpace.with_step`)."""
 
-    allocation: Literal["uniform", "global"] = Field(
-        "global",
-        description="uniform: one keep ratio for every layer; global: remove the channels with the "
-        "lowest score per MAC saved, across layers",
-    )
     width_step: int | None = Field(
         None,
         ge=1,
@@ -70,6 +66,16 @@ class ScoringConfig(StrategyConfig):
         "cores want multiples of 8, and 1 elsewhere",
     )
     min_width: int = Field(1, ge=1, description="smallest per-head width / MLP width kept")
+
+
+class ScoringConfig(WidthConfig):
+    """Options of the shared allocator, inherited by every scoring strategy."""
+
+    allocation: Literal["uniform", "global"] = Field(
+        "global",
+        description="uniform: one keep ratio for every layer; global: remove the channels with the "
+        "lowest score per MAC saved, across layers",
+    )
     tie_qk_v: bool = Field(
         False,
         description="keep equal query/key and value widths in every attention layer (the allocator "

@@ -42,13 +42,14 @@ from nas_headprune.strategy import (
     SearchResult,
     Strategy,
     StrategyConfig,
+    WidthConfig,
     resolve_width_step,
 )
 
 log = logging.getLogger(__name__)
 
 
-class NniSearchConfig(StrategyConfig):
+class NniSearchConfig(WidthConfig):
     """Options shared by the NNI multi-trial strategies (these are all of ``nni_random``'s)."""
 
     trials: int = Field(
@@ -80,13 +81,6 @@ class NniSearchConfig(StrategyConfig):
         "budget",
         description="sampling weights of the widths: centred on the MACs budget, or uniform",
     )
-    width_step: int | None = Field(
-        None,
-        ge=1,
-        description="per-head widths are multiples of this; default (null): 8 on CUDA, where tensor "
-        "cores want multiples of 8, and 1 elsewhere",
-    )
-    min_width: int = Field(1, ge=1, description="smallest per-head width / MLP width searched")
 
 
 class EvolutionConfig(NniSearchConfig):

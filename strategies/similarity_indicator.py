@@ -78,7 +78,7 @@ from nas_headprune.strategy import (
     SearchContext,
     SearchResult,
     Strategy,
-    StrategyConfig,
+    WidthConfig,
     resolve_width_step,
 )
 
@@ -114,7 +114,7 @@ _STATE_KEYS = frozenset(
 _SIMILARITY_SKIPPED = "similarity_skipped"
 
 
-class SimilarityIndicatorConfig(StrategyConfig):
+class SimilarityIndicatorConfig(WidthConfig):
     """Options of :class:`SimilarityIndicator`; each names the METHOD.md choice it implements."""
 
     similarity: Literal["none", "redundancy", "alignment"] = Field(
@@ -188,13 +188,6 @@ class SimilarityIndicatorConfig(StrategyConfig):
         True, description="3.7 train the weights jointly (on a copy; the input model is never changed)"
     )
     distill: bool = Field(False, description="3.6 add KL(teacher || student) from the frozen dense model")
-    width_step: int | None = Field(
-        None,
-        ge=1,
-        description="3.3 per-head widths are multiples of this; default (null): 8 on CUDA, where tensor "
-        "cores want multiples of 8, and 1 elsewhere",
-    )
-    min_width: int = Field(1, ge=1, description="3.3 smallest per-head width / MLP width kept")
     calib_batches_for_similarity: int = Field(
         4, ge=1, description="3.2/3.5 calibration batches used for the similarity weights and the init"
     )
