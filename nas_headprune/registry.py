@@ -105,7 +105,9 @@ def strategy_class(name: str) -> type[Strategy]:
     return obj
 
 
-def make_strategy(name: str, options: dict[str, Any] | None = None, prefix: str = "strategy_options") -> Any:
+def make_strategy(
+    name: str, options: dict[str, Any] | None = None, prefix: str = "strategy_options"
+) -> Strategy[Any]:
     """Look up ``name`` and validate ``options`` against its ``Config`` (errors name the field,
     under ``prefix``: where the options came from)."""
     from pydantic import ValidationError

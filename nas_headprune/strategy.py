@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -208,8 +208,17 @@ class SearchResult:
     weight_steps: int = 0
 
 
-class Strategy(ABC):
-    """A pruning search strategy. See the module docstring for the lifecycle."""
+ConfigT = TypeVar("ConfigT", bound=StrategyConfig)
+ScoringConfigT = TypeVar("ScoringConfigT", bound=ScoringConfig)
+
+
+class Strategy(ABC, Generic[ConfigT]):
+    """A pruning search strategy. See the module docstring for the lifecycle.
+
+    Generic in its config: ``class Mine(Strategy[MyConfig])`` with ``Config = MyConfig`` makes
+    ``self.config`` a ``MyConfig`` for type checkers (the runtime check is the validation against
+    ``Config`` in ``__init__``).
+    """
 
     #: short description shown by ``nas-headprune strategies``
     summary: ClassVar[str] = ""
@@ -221,10 +230,12 @@ class Strategy(ABC):
 
     def __init__(self, config: StrategyConfig | Mapping[str, Any] | None = None) -> None:
         if config is None:
-            config = self.Config()
-        elif not isinstance(config, self.Config):
-            config = self.Config.model_validate(dict(config))
-        self.config = config
+            validated = self.Config()
+        elif isinstance(config, self.Config):
+            validated = config
+        else:
+            validated = self.Config.model_validate(dict(config))
+        self.config: ConfigT = cast(ConfigT, validated)
 
     @abstractmethod
     def search(self, ctx: SearchContext) -> SearchResult:
@@ -237,7 +248,7 @@ class Strategy(ABC):
         return 0
 
 
-class ScoringStrategy(Strategy):
+class ScoringStrategy(Strategy[ScoringConfigT]):
     """A strategy that only scores channels; the shared allocator does the rest."""
 
     Config: ClassVar[type[StrategyConfig]] = ScoringConfig
@@ -258,7 +269,6 @@ class ScoringStrategy(Strategy):
         channels = replace(ctx, space=ctx.space.without_heads()) if ctx.space.has_heads else ctx
         scores = head_scores(ctx.space, self.score(channels))
         cfg = self.config
-        assert isinstance(cfg, ScoringConfig)
         space = ctx.space.with_step(resolve_width_step(cfg.width_step, ctx.device), cfg.min_width)
         latency_ms = ctx.target_latency_ms
         if latency_ms is not None:  # score lost per millisecond saved, against the measured table

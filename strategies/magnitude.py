@@ -19,13 +19,12 @@ class MagnitudeConfig(ScoringConfig):
     norm: Literal["l1", "l2"] = Field("l1", description="L1 or L2 norm of each channel's weights")
 
 
-class Magnitude(ScoringStrategy):
+class Magnitude(ScoringStrategy[MagnitudeConfig]):
     summary = "L1/L2 norm of each channel's coupled weights, head-balanced top-k per head"
     Config = MagnitudeConfig
 
     def score(self, ctx: SearchContext) -> dict[str, torch.Tensor]:
         cfg = self.config
-        assert isinstance(cfg, MagnitudeConfig)  # Strategy.__init__ validated it against Config
         fn = torch.abs if cfg.norm == "l1" else torch.square
         sums = reduce_coupled(ctx.space, parameters_by_name(ctx.model), fn)
         if cfg.norm == "l2":

@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Iterator
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, model_validator
 
@@ -110,7 +110,10 @@ class _Trial:
     metric: float
 
 
-class _NniSearch(Strategy):
+NniConfigT = TypeVar("NniConfigT", bound=NniSearchConfig)
+
+
+class _NniSearch(Strategy[NniConfigT]):
     """The search loop shared by both strategies; subclasses name NNI's strategy."""
 
     Config: ClassVar[type[StrategyConfig]] = NniSearchConfig
@@ -122,7 +125,6 @@ class _NniSearch(Strategy):
 
         require_nni(nas=True)
         cfg = self.config
-        assert isinstance(cfg, NniSearchConfig)  # Strategy.__init__ validated it against Config
         self.ranking = _ranking_strategy(cfg.ranking, cfg.ranking_options)
 
     def _nni_strategy(self, seed: int) -> Any:
@@ -138,7 +140,6 @@ class _NniSearch(Strategy):
         from nas_headprune.progress import stderr_progress
 
         cfg = self.config
-        assert isinstance(cfg, NniSearchConfig)
         nni = require_nni(nas=True)
         from nni.nas.evaluator import FunctionalEvaluator
         from nni.nas.execution import SequentialExecutionEngine
@@ -232,7 +233,7 @@ class _NniSearch(Strategy):
         return SearchResult(selection, info=info)
 
 
-class Evolution(_NniSearch):
+class Evolution(_NniSearch[EvolutionConfig]):
     summary = "NNI regularized evolution over per-layer widths, candidates ranked by a scoring strategy"
     Config = EvolutionConfig
     name = "evolution"
@@ -241,7 +242,6 @@ class Evolution(_NniSearch):
         from nni.nas.strategy import RegularizedEvolution
 
         cfg = self.config
-        assert isinstance(cfg, EvolutionConfig)
         return RegularizedEvolution(
             population_size=cfg.population_size,
             sample_size=cfg.sample_size,
@@ -252,7 +252,7 @@ class Evolution(_NniSearch):
         )
 
 
-class NniRandom(_NniSearch):
+class NniRandom(_NniSearch[NniSearchConfig]):
     summary = "NNI random search over per-layer widths within the budget; best proxy wins"
     Config = NniSearchConfig
     name = "nni_random"
@@ -278,7 +278,9 @@ def _ranking_strategy(name: str, options: dict[str, Any]) -> ScoringStrategy:
             f"strategy_options.ranking: {name!r} {what}; choose a scoring strategy: "
             f"{', '.join(_scoring_strategy_names()) or '(none installed)'}"
         )
-    return make_strategy(name, options, prefix="strategy_options.ranking_options")
+    ranking = make_strategy(name, options, prefix="strategy_options.ranking_options")
+    assert isinstance(ranking, ScoringStrategy)  # its class was checked above
+    return ranking
 
 
 def _scoring_strategy_names() -> list[str]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from nas_headprune.strategy import ScoringStrategy, SearchContext
+from nas_headprune.strategy import ScoringConfig, ScoringStrategy, SearchContext
 
 
-class RandomScores(ScoringStrategy):
+class RandomScores(ScoringStrategy[ScoringConfig]):
     summary = "uniformly random channel scores (seeded); the floor every method must beat"
 
     def score(self, ctx: SearchContext) -> dict[str, torch.Tensor]:

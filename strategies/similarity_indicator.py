@@ -1146,7 +1146,7 @@ class _Run:
         return {k: m * self.mult[k] + self.add[k] for k, m in self.indicators.items()}
 
 
-class SimilarityIndicator(Strategy):
+class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
     """Learnable channel indicators with similarity weights, head-balanced masks and reweight
     scales, trained jointly with the weights under a differentiable MACs penalty."""
 
@@ -1159,7 +1159,6 @@ class SimilarityIndicator(Strategy):
     def planned_weight_steps(self) -> int:
         """Every search step updates the model's weights unless they are frozen."""
         cfg = self.config
-        assert isinstance(cfg, SimilarityIndicatorConfig)
         return cfg.steps if cfg.train_weights and cfg.lr_weights > 0 else 0
 
     # ------------------------------------------------------------------ test hook
@@ -1171,7 +1170,6 @@ class SimilarityIndicator(Strategy):
     def search(self, ctx: SearchContext) -> SearchResult:
         """Search on a copy of ``ctx.model``; resumes from ``ctx.work_dir`` when it holds this search."""
         cfg = self.config
-        assert isinstance(cfg, SimilarityIndicatorConfig)
         space = ctx.space.with_step(resolve_width_step(cfg.width_step, ctx.device), cfg.min_width)
         check_reachable(space, ctx.target_macs)
         dev = torch.device(ctx.device)

@@ -18,7 +18,7 @@ class TaylorConfig(ScoringConfig):
     batches: int | None = Field(None, ge=1, description="calibration batches to use (default: all)")
 
 
-class Taylor(ScoringStrategy):
+class Taylor(ScoringStrategy[TaylorConfig]):
     summary = "first-order Taylor |w * grad| on calibration batches"
     Config = TaylorConfig
 
@@ -29,7 +29,6 @@ class Taylor(ScoringStrategy):
         wanted = {a["param"] for _, a in graph.nodes(data=True) if a["kind"] == "slot"}
         acc = {name: torch.zeros_like(params[name], dtype=torch.float64) for name in wanted}
         cfg = self.config
-        assert isinstance(cfg, TaylorConfig)  # Strategy.__init__ validated it against Config
         # under torchrun each rank scores its share of the batches and the sums are added up
         batches = ctx.shard(ctx.calib[: cfg.batches] if cfg.batches else ctx.calib)
         losses: list[torch.Tensor] = []
