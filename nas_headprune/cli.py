@@ -30,7 +30,9 @@ def _setup_logging(verbose: int) -> None:
     except ImportError:  # pragma: no cover
         handler = logging.StreamHandler()
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s")
-    logging.getLogger("nas_headprune").setLevel(max(level, logging.INFO) if verbose else logging.INFO)
+    # the project's own messages: INFO by default and with -v, DEBUG with -vv (other libraries:
+    # warnings only, unless -v / -vv)
+    logging.getLogger("nas_headprune").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
 
 def _parser() -> argparse.ArgumentParser:

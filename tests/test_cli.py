@@ -135,3 +135,19 @@ def test_console_script_usage_error() -> None:
     assert proc.returncode == 2
     assert "--set expects dotted.key=value, got 'nokey'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("verbose", "debug"), [(0, False), (1, False), (2, True)])
+def test_project_messages_show_at_info_and_debug_with_vv(verbose: int, debug: bool) -> None:
+    import logging
+
+    from nas_headprune.cli import _setup_logging
+
+    logger = logging.getLogger("nas_headprune.runner")
+    before = logging.getLogger("nas_headprune").level
+    try:
+        _setup_logging(verbose)
+        assert logger.isEnabledFor(logging.INFO)
+        assert logger.isEnabledFor(logging.DEBUG) is debug
+    finally:
+        logging.getLogger("nas_headprune").setLevel(before)
