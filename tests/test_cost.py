@@ -49,11 +49,19 @@ def test_larger_models_agree(name: str, kwargs: dict, size: tuple) -> None:
     assert analytic_cost(space, arch).macs == measure_macs(pruned, size)
 
 
-def test_formula_by_hand() -> None:
-    # one ViT block: N=50 tokens, C=48, H=4, d_qk=3, d_v=5
+def test_formula_equals_a_count_of_one_attention_layer() -> None:
+    """One pruned attention layer (N=50 tokens, C=48, H=4, d_qk=3, d_v=5, the unfused path so every
+    product is a counted matmul), counted by FlopCounterMode without bias adds."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nas_headprune.spaces.timm_vit import PrunedAttention
+
     n, c, h, dqk, dv = 50, 48, 4, 3, 5
-    expected = n * c * h * (2 * dqk + dv) + n * h * dv * c + h * n * n * (dqk + dv)
-    assert softmax_attention_macs(n, n, c, c, h, dqk, dv) == expected
+    layer = PrunedAttention(c, h, dqk, dv, scale=0.25, qkv_bias=False, proj_bias=False, fused_attn=False)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        layer(torch.randn(1, n, c))
+    assert softmax_attention_macs(n, n, c, c, h, dqk, dv) == counter.get_total_flops() // 2
 
 
 def test_cost_is_differentiable_in_soft_widths() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -45,4 +46,8 @@ def test_example_runs_from_the_cli(plugin, tmp_path, capsys) -> None:
     from nas_headprune.cli import main
 
     assert main(_search_args(tmp_path, "budget=0.7", strategy="my_plugin:MaskGradient")) == 0
-    assert (tmp_path / "run" / "result.json").is_file()
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["strategy"] == "my_plugin:MaskGradient"
+    assert result["config"]["strategy_options"]["batches"] == 2  # the plugin's own Config default
+    assert result["pruned"]["macs"] <= 0.7 * result["dense"]["macs"]
+    assert result["pruned"]["macs"] < result["dense"]["macs"]
