@@ -289,3 +289,23 @@ def test_damaged_run_folder_table_is_named(tmp_path, capsys) -> None:
     assert main(_latency_args(tmp_path)) == 1
     err = capsys.readouterr().err
     assert "latency_table.json" in err and "--restart" in err and "Traceback" not in err
+
+
+def test_measuring_on_a_busy_machine_warns_and_records_the_load(tmp_path, monkeypatch, caplog) -> None:
+    model, space = _vit()
+    monkeypatch.setattr(lat.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    with caplog.at_level(logging.WARNING, logger="nas_headprune.evaluator.latency"):
+        table, path = latency_table(
+            model,
+            space,
+            batch_size=1,
+            device="cpu",
+            threads=1,
+            points=2,
+            rounds=1,
+            warmup=0,
+            cache_dir=tmp_path,
+        )
+    assert "busy machine" in caplog.text and str(path) in caplog.text
+    assert table.setting["load_average"] == 64.0
+    assert json.loads(path.read_text())["setting"]["load_average"] == 64.0

@@ -471,6 +471,16 @@ def latency_table(
                 return table, path
             except (OSError, ValueError, UnicodeDecodeError) as exc:
                 log.warning("latency cache file %s is damaged (%s); measuring again", path, exc)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    if dev.type == "cpu" and load > 0.5 * cores:
+        log.warning(
+            "measuring a latency table on a busy machine (load average %.2f on %d cores): times measured "
+            "now are slower than idle ones, small batches most, and the table is cached%s",
+            load,
+            cores,
+            f" in {path}; delete it to measure again" if path is not None else "",
+        )
     table = measure_table(
         model,
         space,
@@ -483,6 +493,7 @@ def latency_table(
         setting=setting,
         progress=progress,
     )
+    table.setting["load_average"] = load  # a record of the conditions, not part of the cache key
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
