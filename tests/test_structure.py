@@ -42,3 +42,13 @@ def test_the_rule_finds_exception_classes() -> None:
         if str(path) == "nas_headprune/errors.py" and _is_exception(node)
     ]
     assert {"UsageError", "BudgetError", "StoreError", "CheckpointError"} <= set(found)
+
+
+def test_every_path_named_in_the_architecture_page_exists() -> None:
+    import re
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    paths = set(re.findall(r"`((?:nas_headprune|strategies|spaces|configs|tests|docs)/[\w./]*)`", text))
+    assert len(paths) > 20  # the page names the modules it describes
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert missing == []
