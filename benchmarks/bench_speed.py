@@ -183,7 +183,7 @@ def pipeline_job(strategy: str, variant: str, seed: int, root: str) -> dict[str,
         f"budget={BUDGET}",
         f"seed={seed}",
         "progress=false",
-        *(VARIANTS.get(variant) or REFUSED_VARIANTS[variant]),
+        *(VARIANTS[variant] if variant in VARIANTS else REFUSED_VARIANTS[variant]),
     ]
     from nas_headprune.allocate import BudgetError
 
