@@ -32,7 +32,7 @@ In one run, at 50% of the dense MACs unless a variant says otherwise, with torch
 - **Latency budgets.** A table under the main table lists, for the latency-budget rows, the budget,
   the fraction of the dense latency the search's latency table predicted, and the fraction measured
   in this run's timing. The embedded ViT's tables were measured by its pipeline runs (kept in their
-  run folders, ``latency_table.json``); deit_tiny's are measured here, uncached.
+  run folders, ``latency_table.json``); deit_tiny's are measured here, once per batch size.
 
 deit_tiny has random weights, so its rows are about speed only; its Taylor scores (both projects')
 come from two batches of 16 random images with random labels.
@@ -311,7 +311,12 @@ def embedded_rows(
 
 
 # --------------------------------------------------------------------------- deit_tiny at 224
-def deit_rows(log: Any) -> tuple[nn.Module, tuple[int, ...], list[Row]]:
+def deit_rows(log: Any, cache: Path) -> tuple[nn.Module, tuple[int, ...], list[Row]]:
+    """deit_tiny pruned by each strategy and variant; latency tables measured once per batch size
+    in this run (``cache``, emptied first, is shared by the strategies)."""
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
     torch.manual_seed(0)
     dense = create_model("deit_tiny_patch16_224").eval()  # random weights
     size = (3, 224, 224)
@@ -344,7 +349,7 @@ def deit_rows(log: Any) -> tuple[nn.Module, tuple[int, ...], list[Row]]:
                 batch = settings["latency.batch_size"]
                 ctx.budget_kind = "latency"
                 ctx.latency, _ = latency_table(
-                    dense, space, batch_size=batch, device="cpu", threads=1, cache_dir="", **DEIT_LATENCY
+                    dense, space, batch_size=batch, device="cpu", threads=1, cache_dir=cache, **DEIT_LATENCY
                 )
             selection, _ = validate_result(strategy, ctx, make_strategy(strategy, options).search(ctx))
             if ctx.latency is not None:
@@ -510,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         text += [f"- {line}" for line in refused] + [""]
     if not args.skip_deit:
         log("deit_tiny: pruning")
-        d_dense, d_size, d_rows = deit_rows(log)
+        d_dense, d_size, d_rows = deit_rows(log, Path(args.root) / "deit_latency_tables")
         log("deit_tiny: timing")
         text += table(
             "deit_tiny_patch16_224 at 224x224 (random weights), 50% MACs",
