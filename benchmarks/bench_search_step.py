@@ -71,27 +71,22 @@ def dense_steps(
     return times
 
 
-class _Timed(SimilarityIndicator):
-    """The strategy, recording when each step ends."""
-
-    def __init__(self, config: dict) -> None:
-        super().__init__(config)
-        self.ends: list[float] = []
-
-    def _on_step(self, step, masks) -> None:
-        self.ends.append(time.perf_counter())
-
-
 def search_steps(
     model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], steps: int, warmup: int
 ) -> list[float]:
     space = build_space(model, SIZE)
+    ends: list[float] = []  # when each step ended
     ctx = SearchContext(
-        model=model, space=space, budget=0.5, dense_macs=measure_macs(model, SIZE), calib=[batch], seed=0
+        model=model,
+        space=space,
+        budget=0.5,
+        dense_macs=measure_macs(model, SIZE),
+        calib=[batch],
+        seed=0,
+        on_step=lambda step, masks: ends.append(time.perf_counter()),
     )
-    strategy = _Timed({"steps": warmup + steps + 1, "checkpoint_every": 0})
-    strategy.search(ctx)
-    ends = strategy.ends[warmup:]
+    SimilarityIndicator({"steps": warmup + steps + 1, "checkpoint_every": 0}).search(ctx)
+    ends = ends[warmup:]
     return [b - a for a, b in zip(ends, ends[1:], strict=False)]
 
 

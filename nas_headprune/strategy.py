@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
@@ -105,13 +105,21 @@ class SearchContext:
     train_loader: Iterable | None = None
     work_dir: Path | None = None
     progress: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
+    #: called after every step of a strategy that searches in steps (``Strategy.reports_steps``),
+    #: once the step and its checkpoint are done, with the step number and the step's state
+    #: (similarity_indicator: its hard masks); for progress displays, tests and benchmarks
+    on_step: Callable[[int, Mapping[str, Any]], None] | None = None
     rank: int = 0
     world_size: int = 1
     #: "macs" (``budget`` is a fraction of ``dense_macs``) or "latency" (a fraction of the dense
     #: model's measured latency; ``latency`` then holds the measured table, a CostModel in ms)
     budget_kind: str = "macs"
     latency: Any = None
+
+    def step_done(self, step: int, state: Mapping[str, Any]) -> None:
+        """What a stepping strategy calls after each step: hands the step to :attr:`on_step`."""
+        if self.on_step is not None:
+            self.on_step(step, state)
 
     @property
     def distributed(self) -> bool:
@@ -227,6 +235,8 @@ class Strategy(ABC, Generic[ConfigT]):
     budget_kinds: ClassVar[tuple[str, ...]] = ("macs",)
     #: whether the strategy can search spaces whose layers may drop whole heads (``space.prune_heads``)
     head_pruning: ClassVar[bool] = False
+    #: whether ``search`` calls ``ctx.step_done`` after every step (a search that runs in steps)
+    reports_steps: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig | Mapping[str, Any] | None = None) -> None:
         if config is None:

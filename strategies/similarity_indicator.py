@@ -1155,16 +1155,12 @@ class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
         "MACs penalty (METHOD.md 3)"
     )
     Config = SimilarityIndicatorConfig
+    reports_steps = True  # ctx.step_done(step, hard masks) after every step and its checkpoint
 
     def planned_weight_steps(self) -> int:
         """Every search step updates the model's weights unless they are frozen."""
         cfg = self.config
         return cfg.steps if cfg.train_weights and cfg.lr_weights > 0 else 0
-
-    # ------------------------------------------------------------------ test hook
-    def _on_step(self, step: int, masks: Mapping[str, Tensor]) -> None:
-        """Called after every step (and its checkpoint) with the hard masks of that step's forward;
-        tests record or interrupt here, the benchmark times steps."""
 
     # -------------------------------------------------------------------- search
     def search(self, ctx: SearchContext) -> SearchResult:
@@ -1508,7 +1504,7 @@ class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
                         history.ratio[-1],
                     )
                 bar.update(task_id, completed=run.step)
-                self._on_step(run.step, {k: v.detach() for k, v in hard.items()})
+                run.ctx.step_done(run.step, {k: v.detach() for k, v in hard.items()})
 
     def _flush(self, run: _Run) -> None:
         """Read the pending steps' values (one host sync), averaged over the ranks under torchrun,

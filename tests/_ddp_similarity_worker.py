@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -101,7 +102,11 @@ def main(out: Path, search_args: list[str]) -> int:
     from nas_headprune.strategies.similarity_indicator import SimilarityIndicator
 
     class StopAfter(SimilarityIndicator):
-        def _on_step(self, step, masks) -> None:
+        def search(self, ctx):
+            return super().search(replace(ctx, on_step=self._stop))
+
+        @staticmethod
+        def _stop(step, masks) -> None:
             if step >= STOP:
                 raise _Stop(step)
 

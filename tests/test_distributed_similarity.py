@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,11 @@ class _Interrupt(Exception):
 
 
 class _StopAfter(SimilarityIndicator):
-    def _on_step(self, step, masks) -> None:
+    def search(self, ctx):
+        return super().search(replace(ctx, on_step=self._stop))
+
+    @staticmethod
+    def _stop(step, masks) -> None:
         if step >= STOP:
             raise _Interrupt(step)
 

@@ -8,6 +8,7 @@ import shutil
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,7 +71,10 @@ class Recording(SimilarityIndicator):
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
         self.stop_after = stop_after
 
-    def _on_step(self, step, masks) -> None:
+    def search(self, ctx: SearchContext):
+        return super().search(replace(ctx, on_step=self._record))
+
+    def _record(self, step, masks) -> None:
         self.masks[step] = {k: v.clone() for k, v in masks.items()}
         if self.stop_after is not None and step >= self.stop_after:
             raise KeyboardInterrupt(f"test interrupt after step {step}")
@@ -815,13 +819,12 @@ class _SyncProbe(TorchFunctionMode):
 def test_the_search_loop_reads_values_back_only_at_the_logging_cadence() -> None:
     probe = _SyncProbe()
 
-    class Probed(SimilarityIndicator):
-        def _on_step(self, step, masks) -> None:
-            probe.step = step + 1  # what follows belongs to the next step
+    def next_step(step, masks) -> None:
+        probe.step = step + 1  # what follows belongs to the next step
 
     with probe:
-        Probed({"steps": 40, "checkpoint_every": 0, "calib_batches_for_similarity": 1}).search(
-            tiny_context(budget=0.5)
+        SimilarityIndicator({"steps": 40, "checkpoint_every": 0, "calib_batches_for_similarity": 1}).search(
+            replace(tiny_context(budget=0.5), on_step=next_step)
         )
     in_loop = {step: names for step, names in probe.calls.items() if 2 <= step <= 40}
     assert set(in_loop) == set(range(4, 41, 4))  # log_every = steps // 10

@@ -19,6 +19,7 @@ with the import error as the reason.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,7 +95,7 @@ class StepPlan:
 
 def plan_for(cls: type[Strategy]) -> StepPlan:
     fields = cls.Config.model_fields
-    if callable(getattr(cls, "_on_step", None)) and "steps" in fields:
+    if getattr(cls, "reports_steps", False) and "steps" in fields:
         options: dict[str, Any] = {"steps": 1_000_000}  # never reached: the timed search is stopped
         if "checkpoint_every" in fields:
             options["checkpoint_every"] = 0
@@ -123,7 +124,7 @@ class _Stop(Exception):
 class SteppedSearch:
     """Runs ``strategy.search(ctx)`` in a worker thread that pauses after every step.
 
-    The strategy's ``_on_step`` hook is wrapped (on this instance only) so that the worker signals
+    The context's per-step callback (``SearchContext.on_step``) is wrapped so that the worker signals
     the end of a step and waits there; :meth:`step` lets it run exactly one more step. Entering the
     context runs the setup and the first step; leaving it stops the search at its next pause.
     """
@@ -135,10 +136,11 @@ class SteppedSearch:
         self._done = False
         self._error: BaseException | None = None
         device = torch.device(ctx.device)
-        hook = strategy._on_step  # type: ignore[attr-defined]
+        hook = ctx.on_step
 
         def pausing_hook(step: int, masks: Any) -> None:
-            hook(step, masks)
+            if hook is not None:
+                hook(step, masks)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             self._paused.release()
@@ -146,7 +148,7 @@ class SteppedSearch:
             if self._stop:
                 raise _Stop
 
-        strategy._on_step = pausing_hook  # type: ignore[attr-defined]
+        ctx = dataclasses.replace(ctx, on_step=pausing_hook)
         self._thread = threading.Thread(target=self._run, args=(strategy, ctx), name="stepped-search")
 
     def _run(self, strategy: Strategy, ctx: SearchContext) -> None:
