@@ -44,7 +44,7 @@ def reduce_coupled(
                 d.heads, d.max_width, slot["offset"], slot["head_stride"], slot["channel_stride"]
             )
             total += per_pos.cpu()[idx]
-        out[label] = total if space.layer_of(label).kind != "mlp" else total[0]
+        out[label] = total if space.per_head(label) else total[0]
     return out
 
 

@@ -442,6 +442,16 @@ class HeadSpace:
             raise ArchitectureError(self._unknown(label))
         return self.layers[layer]
 
+    def per_head(self, label: str) -> bool:
+        """Whether a dimension's units are per head (attention, ``(H, d)``; a head count is one group
+        of ``H``: ``(1, H)``) or one row of units (an MLP's hidden units, ``(m,)``)."""
+        return self.layer_of(label).kind != "mlp"
+
+    def shape(self, label: str) -> tuple[int, ...]:
+        """The shape of a dimension's scores, masks and dense selection: ``(H, d)`` or ``(m,)``."""
+        d = self.dims[label]
+        return (d.heads, d.max_width) if self.per_head(label) else (d.max_width,)
+
     def _unknown(self, label: str) -> str:
         known = list(self.dims)
         shown = ", ".join(known[:6]) + (f", ... ({len(known)} in all)" if len(known) > 6 else "")
@@ -549,7 +559,7 @@ class HeadSpace:
             if label not in indices:
                 raise ArchitectureError(f"selection is missing dimension {label!r}")
             raw = indices[label]
-            if d.heads == 1 and self.layer_of(label).kind == "mlp":
+            if d.heads == 1 and not self.per_head(label):
                 rows = [raw.tolist() if isinstance(raw, torch.Tensor) else list(raw)]
             else:
                 rows = raw.tolist() if isinstance(raw, torch.Tensor) else [list(r) for r in raw]
@@ -575,7 +585,7 @@ class HeadSpace:
                 if len(set(r)) != len(r):
                     raise ArchitectureError(f"{label}: head {h} repeats a channel index")
             t = torch.tensor([sorted(r) for r in rows], dtype=torch.long)
-            out[label] = t[0] if self.layer_of(label).kind == "mlp" else t
+            out[label] = t if self.per_head(label) else t[0]
         return Selection(out)
 
     def first_channels(self, arch: Mapping[str, int]) -> Selection:
@@ -586,7 +596,7 @@ class HeadSpace:
         out = {}
         for label, d in self.dims.items():
             idx = torch.arange(arch[label])
-            out[label] = idx if self.layer_of(label).kind == "mlp" else idx.repeat(d.heads, 1)
+            out[label] = idx.repeat(d.heads, 1) if self.per_head(label) else idx
         return Selection(out)
 
     def selection_from_scores(self, scores: Mapping[str, torch.Tensor], arch: Mapping[str, int]) -> Selection:
@@ -597,12 +607,12 @@ class HeadSpace:
         out = {}
         for label, d in self.dims.items():
             s = scores[label].detach().float()
-            kind = self.layer_of(label).kind
-            s2 = s.reshape(1, -1) if kind == "mlp" else s.reshape(d.heads, d.max_width)
+            per_head = self.per_head(label)
+            s2 = s.reshape(d.heads, d.max_width) if per_head else s.reshape(1, -1)
             # stable top-k: sort by (-score, index)
             order = torch.sort(-s2, dim=1, stable=True).indices[:, : arch[label]]  # (H, w)
             kept = torch.sort(order, dim=1).values
-            out[label] = kept[0] if kind == "mlp" else kept
+            out[label] = kept if per_head else kept[0]
         return Selection(out)
 
     def selection_from_masks(self, masks: Mapping[str, torch.Tensor]) -> Selection:
@@ -612,7 +622,7 @@ class HeadSpace:
             if label not in masks:
                 raise ArchitectureError(f"masks are missing dimension {label!r}")
             m = masks[label].detach()
-            if self.layer_of(label).kind == "mlp":
+            if not self.per_head(label):
                 rows[label] = m.reshape(-1).nonzero().flatten().tolist()
             else:
                 m = m.reshape(d.heads, d.max_width)
@@ -623,14 +633,13 @@ class HeadSpace:
         import torch
 
         out = MaskSet()
-        for label, d in self.dims.items():
+        for label in self.dims:
             idx = selection[label]
-            if self.layer_of(label).kind == "mlp":
-                m = torch.zeros(d.max_width)
-                m[idx] = 1.0
-            else:
-                m = torch.zeros(d.heads, d.max_width)
+            m = torch.zeros(self.shape(label))
+            if self.per_head(label):
                 m.scatter_(1, idx, 1.0)
+            else:
+                m[idx] = 1.0
             out[label] = m
         return out
 

@@ -13,7 +13,6 @@ class RandomScores(ScoringStrategy[ScoringConfig]):
     def score(self, ctx: SearchContext) -> dict[str, torch.Tensor]:
         gen = ctx.torch_generator("random-scores")
         out = {}
-        for label, d in ctx.space.dims.items():
-            shape = (d.max_width,) if ctx.space.layer_of(label).kind == "mlp" else (d.heads, d.max_width)
-            out[label] = torch.rand(shape, generator=gen, dtype=torch.float64)
+        for label in ctx.space.dims:
+            out[label] = torch.rand(ctx.space.shape(label), generator=gen, dtype=torch.float64)
         return out

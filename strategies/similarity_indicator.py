@@ -327,7 +327,7 @@ def _gram_shape(space: HeadSpace, label: str) -> tuple[int, int]:
     """``(H, d)`` of an attention dimension, ``(1, m)`` of an MLP's: the leading shape of its Gram
     matrices."""
     d = space.dims[label]
-    return (1, d.max_width) if space.layer_of(label).kind == "mlp" else (d.heads, d.max_width)
+    return (d.heads, d.max_width) if space.per_head(label) else (1, d.max_width)
 
 
 @torch.no_grad()
@@ -445,7 +445,7 @@ def weights_from_grams(
             w = weights_from_gram(grams[label], reading)
         else:
             w = torch.ones(d.heads, d.max_width)
-        out[label] = w[0] if space.layer_of(label).kind == "mlp" else w
+        out[label] = w if space.per_head(label) else w[0]
     return out
 
 
@@ -1100,8 +1100,7 @@ def _read_state(path: Path, device: torch.device) -> dict[str, Any]:
 
 
 def _shape(space: HeadSpace, label: str) -> tuple[int, ...]:
-    d = space.dims[label]
-    return (d.max_width,) if space.layer_of(label).kind == "mlp" else (d.heads, d.max_width)
+    return space.shape(label)
 
 
 @dataclass
