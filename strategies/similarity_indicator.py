@@ -63,6 +63,7 @@ from nas_headprune.errors import (
     UsageError,
 )
 from nas_headprune.evaluator.cost import analytic_cost
+from nas_headprune.evaluator.finetune import kl_to_teacher
 from nas_headprune.evaluator.metrics import amp_dtype, batch_inputs
 from nas_headprune.space import (
     QUERY_SCALE,
@@ -1464,12 +1465,7 @@ class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
                 task = F.cross_entropy(logits, y)
                 loss = task
                 if teacher is not None:
-                    loss = loss + F.kl_div(
-                        F.log_softmax(logits, -1),
-                        F.log_softmax(teacher, -1),
-                        reduction="batchmean",
-                        log_target=True,
-                    )
+                    loss = loss + kl_to_teacher(logits, teacher)
                 ratio = _search_macs(space, widths) / run.target  # differentiable in the scores
                 excess = ratio - 1.0
                 penalty = torch.relu(excess).square() if cfg.penalty == "above" else excess.square()

@@ -57,6 +57,7 @@ __all__ = [
     "cleanup_distributed",
     "config_fingerprint",
     "distillation_loss",
+    "kl_to_teacher",
     "finetune",
     "init_distributed_from_env",
     "lr_factor",
@@ -134,6 +135,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def kl_to_teacher(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``KL(teacher_T || student_T)`` over logits ``(B, C)`` softened by ``temperature``, batch mean."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)  # (B, C)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)  # (B, C)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -144,9 +154,7 @@ def distillation_loss(
 ) -> torch.Tensor:
     """``(1 - alpha) * CE(student, targets) + alpha * T^2 * KL(teacher_T || student_T)``, logits (B, C)."""
     ce = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
-    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)  # (B, C)
-    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)  # (B, C)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    kl = kl_to_teacher(student_logits, teacher_logits, temperature)
     return (1.0 - alpha) * ce + alpha * (temperature * temperature) * kl
 
 
