@@ -29,9 +29,10 @@ from einops import rearrange
 from torch import nn
 
 from nas_headprune.evaluator.cost import mlp_macs
-from nas_headprune.space import ChannelSink, DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
+from nas_headprune.space import DimSpec, LayerSpace, Slot, dim_label
 
 from ._fused_qkv import attend, new_linear
+from ._hidden_units import HiddenUnitsAdapter
 from ._split_qkv import SplitQkvAdapter, split_heads
 
 _BERT = "transformers.models.bert.modeling_bert"
@@ -159,11 +160,12 @@ class BertAttentionAdapter(SplitQkvAdapter):
         return new
 
 
-class BertFeedForwardAdapter(SpaceAdapter):
+class BertFeedForwardAdapter(HiddenUnitsAdapter):
     """The feed-forward of a Hugging Face ``BertLayer``: ``intermediate.dense`` rows and
     ``output.dense`` columns (the layer is labelled by the ``BertLayer`` path)."""
 
     name = "hf_bert_feed_forward"
+    hidden_consumer = "output.dense"
     kind = "mlp"
 
     def claims(self, module: nn.Module) -> bool:
@@ -209,30 +211,6 @@ class BertFeedForwardAdapter(SpaceAdapter):
         if layer.meta["fc1_bias"]:
             slots.append(Slot("intermediate.dense.bias", 0, 0, 0))
         return {"hidden": slots}
-
-    def install_masks(
-        self, module: nn.Module, layer: LayerSpace, masks: MaskSet
-    ) -> list[torch.utils.hooks.RemovableHandle]:
-        label = layer.dims["hidden"].label
-
-        def mask_hidden(mod: nn.Module, args: tuple) -> tuple | None:
-            m = masks.get(label)
-            if m is None:
-                return None
-            return (args[0] * m.to(args[0].dtype), *args[1:])
-
-        # on the second dense's input: after the activation, so it is exact for any activation
-        return [module.get_submodule("output.dense").register_forward_pre_hook(mask_hidden)]
-
-    def watch_channels(
-        self, module: nn.Module, layer: LayerSpace, sink: ChannelSink
-    ) -> list[torch.utils.hooks.RemovableHandle] | None:
-        """The hidden units as ``output.dense`` receives them (after the activation)."""
-
-        def read(mod: nn.Module, args: tuple) -> None:
-            sink("hidden", args[0])  # (B, N, m)
-
-        return [module.get_submodule("output.dense").register_forward_pre_hook(read)]
 
     def build_pruned(
         self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]

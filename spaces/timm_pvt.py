@@ -28,9 +28,10 @@ from timm.models.pvt_v2 import Attention as PvtAttention
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 from torch import nn
 
-from nas_headprune.space import ChannelSink, DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
+from nas_headprune.space import DimSpec, LayerSpace, Slot, dim_label
 
 from ._fused_qkv import attend, new_linear
+from ._hidden_units import HiddenUnitsAdapter
 from ._split_qkv import SplitQkvAdapter, split_heads
 
 
@@ -177,7 +178,7 @@ class PvtAttentionAdapter(SplitQkvAdapter):
         return new
 
 
-class PvtMlpAdapter(SpaceAdapter):
+class PvtMlpAdapter(HiddenUnitsAdapter):
     """timm PVTv2 ``MlpWithDepthwiseConv``: ``fc1`` rows, the depthwise conv's channels and ``fc2``
     columns are the hidden units."""
 
@@ -225,30 +226,6 @@ class PvtMlpAdapter(SpaceAdapter):
         if layer.meta["conv_bias"]:
             slots.append(Slot("dwconv.bias", 0, 0, 0))
         return {"hidden": slots}
-
-    def install_masks(
-        self, module: nn.Module, layer: LayerSpace, masks: MaskSet
-    ) -> list[torch.utils.hooks.RemovableHandle]:
-        label = layer.dims["hidden"].label
-
-        def mask_hidden(mod: nn.Module, args: tuple) -> tuple | None:
-            m = masks.get(label)
-            if m is None:
-                return None
-            return (args[0] * m.to(args[0].dtype), *args[1:])
-
-        # on fc2's input: after the conv and the activation, so it is exact for any activation
-        return [cast(nn.Linear, module.fc2).register_forward_pre_hook(mask_hidden)]
-
-    def watch_channels(
-        self, module: nn.Module, layer: LayerSpace, sink: ChannelSink
-    ) -> list[torch.utils.hooks.RemovableHandle] | None:
-        """The hidden units as ``fc2`` receives them (after the depthwise conv and the activation)."""
-
-        def read(mod: nn.Module, args: tuple) -> None:
-            sink("hidden", args[0])  # (B, N, m)
-
-        return [cast(nn.Linear, module.fc2).register_forward_pre_hook(read)]
 
     def build_pruned(
         self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]

@@ -13,7 +13,7 @@ from timm.layers.attention import Attention
 from torch import nn
 
 from nas_headprune.evaluator.cost import mlp_macs
-from nas_headprune.space import ChannelSink, DimSpec, LayerSpace, MaskSet, Slot, SpaceAdapter, dim_label
+from nas_headprune.space import DimSpec, LayerSpace, Slot, dim_label
 
 from ._fused_qkv import (
     FusedQkvAdapter,
@@ -24,6 +24,7 @@ from ._fused_qkv import (
     new_linear,
     split_qkv,
 )
+from ._hidden_units import HiddenUnitsAdapter
 
 
 class PrunedAttention(nn.Module):
@@ -139,7 +140,7 @@ class TimmAttentionAdapter(FusedQkvAdapter):
         return new
 
 
-class TimmMlpAdapter(SpaceAdapter):
+class TimmMlpAdapter(HiddenUnitsAdapter):
     """timm ``Mlp`` (fc1 -> act -> fc2): the hidden units are prunable."""
 
     name = "timm_mlp"
@@ -178,30 +179,6 @@ class TimmMlpAdapter(SpaceAdapter):
         if layer.meta["fc1_bias"]:
             slots.append(Slot("fc1.bias", 0, 0, 0))
         return {"hidden": slots}
-
-    def install_masks(
-        self, module: nn.Module, layer: LayerSpace, masks: MaskSet
-    ) -> list[torch.utils.hooks.RemovableHandle]:
-        label = layer.dims["hidden"].label
-
-        def mask_hidden(mod: nn.Module, args: tuple) -> tuple | None:
-            m = masks.get(label)
-            if m is None:
-                return None
-            return (args[0] * m.to(args[0].dtype), *args[1:])
-
-        # on fc2's input: after the activation, so it is exact for any activation
-        return [cast(nn.Linear, module.fc2).register_forward_pre_hook(mask_hidden)]
-
-    def watch_channels(
-        self, module: nn.Module, layer: LayerSpace, sink: ChannelSink
-    ) -> list[torch.utils.hooks.RemovableHandle] | None:
-        """The hidden units as ``fc2`` receives them (after the activation, or the gate)."""
-
-        def read(mod: nn.Module, args: tuple) -> None:
-            sink("hidden", args[0])  # (..., m)
-
-        return [cast(nn.Linear, module.fc2).register_forward_pre_hook(read)]
 
     def build_pruned(
         self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]
