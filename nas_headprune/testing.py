@@ -1,5 +1,5 @@
-"""Test kits for plugin authors: strategies (:func:`run_conformance`) and space adapters
-(:class:`SpaceAdapterTestCase`).
+"""Test kits for plugin authors: strategies (:class:`StrategyTestCase`, :func:`run_conformance`)
+and space adapters (:class:`SpaceAdapterTestCase`).
 
 Strategies: run the conformance kit from your plugin's own tests::
 
@@ -15,6 +15,9 @@ Each check raises ``AssertionError`` with a message saying what the strategy got
 * the input model is untouched (weights and module types);
 * the strategy's ``Config`` round-trips through JSON.
 
+or subclass :class:`StrategyTestCase` in your tests, one test method per property (and a check
+of whole-head spaces for strategies that search them).
+
 Space adapters: subclass :class:`SpaceAdapterTestCase` in your tests (one test method per property:
 masked == pruned on both attention paths, analytic == counted MACs, scale folding, save/load).
 """
@@ -22,6 +25,7 @@ masked == pruned on both attention paths, analytic == counted MACs, scale foldin
 from __future__ import annotations
 
 import tempfile
+import unittest
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -155,6 +159,66 @@ def run_conformance(
         ctx = tiny_context(seed=seed, budget=budgets[0], model=model)
         check_seed_repeatable(make, ctx)
         check_input_untouched(make, ctx)
+
+
+class StrategyTestCase:
+    """Properties every strategy must have, checked on tiny ViT and Swin models (random weights).
+
+    Subclass it in your own tests, under a name pytest collects (``Test...``), and name the
+    strategy; each test method checks one property and raises ``AssertionError`` saying what the
+    strategy got wrong::
+
+        from nas_headprune.testing import StrategyTestCase
+
+        class TestMyStrategy(StrategyTestCase):
+            strategy = MyStrategy              # a class, an instance or a registered name
+            config = {"steps": 4}              # its options (optional)
+
+    Properties (one test method each): :meth:`test_config_roundtrips`,
+    :meth:`test_valid_and_within_budget` (every model and budget), :meth:`test_seed_repeatable`,
+    :meth:`test_input_untouched`, and :meth:`test_whole_heads` for a strategy that declares
+    ``head_pruning`` (the same checks on a space whose layers may drop whole heads).
+    :func:`run_conformance` runs the first four in one call.
+    """
+
+    strategy: ClassVar[Any] = None
+    config: ClassVar[Any] = None
+    budgets: ClassVar[tuple[float, ...]] = (0.5, 0.8)
+    models: ClassVar[tuple[str, ...]] = ("vit", "swin")
+    seed: ClassVar[int] = 0
+
+    def _make(self) -> Callable[[], Strategy]:
+        if self.strategy is None:
+            raise NotImplementedError(f"{type(self).__name__} must set `strategy`")
+        return _instantiate(self.strategy, self.config)
+
+    def test_config_roundtrips(self) -> None:
+        check_config_roundtrip(self._make())
+
+    def test_valid_and_within_budget(self) -> None:
+        make = self._make()
+        for model in self.models:
+            for budget in self.budgets:
+                check_valid_and_within_budget(make, tiny_context(seed=self.seed, budget=budget, model=model))
+
+    def test_seed_repeatable(self) -> None:
+        make = self._make()
+        for model in self.models:
+            check_seed_repeatable(make, tiny_context(seed=self.seed, budget=self.budgets[0], model=model))
+
+    def test_input_untouched(self) -> None:
+        make = self._make()
+        for model in self.models:
+            check_input_untouched(make, tiny_context(seed=self.seed, budget=self.budgets[0], model=model))
+
+    def test_whole_heads(self) -> None:
+        make = self._make()
+        if not getattr(type(make()), "head_pruning", False):
+            raise unittest.SkipTest(f"{type(make()).__name__} does not search whole heads (head_pruning)")
+        ctx = tiny_context(seed=self.seed, budget=self.budgets[0], model="vit")
+        ctx.space = ctx.space.with_heads()
+        check_valid_and_within_budget(make, ctx)
+        check_seed_repeatable(make, ctx)
 
 
 # ===================================================================== space adapter kit
