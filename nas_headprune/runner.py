@@ -345,8 +345,8 @@ def stage_search(run: _Run, done: bool) -> Searched:
     from safetensors.torch import save_file
 
     from nas_headprune.atomic import atomic_path, atomic_write_json
+    from nas_headprune.build import build_space
     from nas_headprune.evaluator.measure import measure_macs
-    from nas_headprune.space import build_space
     from nas_headprune.strategy import SearchContext, validate_result
 
     cfg, out = run.cfg, run.out

@@ -42,9 +42,9 @@ if TYPE_CHECKING:
 
 def tiny_context(seed: int = 0, budget: float = 0.6, model: str = "vit") -> SearchContext:
     """A fast context: a tiny randomly initialised timm ViT or Swin and random calibration data."""
+    from nas_headprune.build import build_space
     from nas_headprune.evaluator.measure import measure_macs
     from nas_headprune.models.factory import create_model
-    from nas_headprune.space import build_space
 
     torch.manual_seed(1234)
     if model == "vit":
@@ -225,7 +225,7 @@ class StrategyTestCase:
 @contextmanager
 def adapters_registered(adapters: Sequence[SpaceAdapter]) -> Iterator[None]:
     """For the duration, :func:`nas_headprune.registry.space_adapters` returns ``adapters`` (what
-    :func:`~nas_headprune.space.build_space` and :func:`~nas_headprune.io.load_pruned` ask), as if
+    :func:`~nas_headprune.build.build_space` and :func:`~nas_headprune.io.load_pruned` ask), as if
     they were the installed plugins. Not thread-safe: for tests."""
     from nas_headprune import registry
 
@@ -379,7 +379,7 @@ class SpaceAdapterTestCase:
         return [True, False] if self.set_attention_path(self.make_model(), True) else [None]
 
     def _space(self, model: nn.Module, adapters: list[SpaceAdapter]) -> HeadSpace:
-        from nas_headprune.space import build_space
+        from nas_headprune.build import build_space
 
         return build_space(
             model,

@@ -52,3 +52,67 @@ def test_every_path_named_in_the_architecture_page_exists() -> None:
     assert len(paths) > 20  # the page names the modules it describes
     missing = sorted(p for p in paths if not (ROOT / p).exists())
     assert missing == []
+
+
+def _module_files() -> dict[str, Path]:
+    """Module name -> file, for the package and the plugins installed inside it."""
+    where = {"nas_headprune": ROOT / "nas_headprune", "nas_headprune.strategies": ROOT / "strategies"}
+    where["nas_headprune.spaces"] = ROOT / "spaces"
+    for sub in ("evaluator", "models"):
+        where[f"nas_headprune.{sub}"] = ROOT / "nas_headprune" / sub
+    files = {}
+    for package, folder in where.items():
+        for path in folder.glob("*.py"):
+            files[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return files
+
+
+def _import_graph():
+    """Who imports whom among the project's modules: every import statement, at the top or inside a
+    function, except under ``if TYPE_CHECKING:`` and inside a module's ``__getattr__`` (the lazy
+    re-exports that keep old import paths working)."""
+    import networkx as nx
+
+    files = _module_files()
+    graph = nx.DiGraph()
+    for name, path in files.items():
+        tree = ast.parse(path.read_text())
+        ignored = set()
+        for node in ast.walk(tree):
+            type_checking = isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+            lazy = isinstance(node, ast.FunctionDef) and node.name == "__getattr__" and node in tree.body
+            if type_checking or lazy:
+                ignored.update(id(sub) for sub in ast.walk(node))
+        package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+        for node in ast.walk(tree):
+            if id(node) in ignored:
+                continue
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{up}.{node.module}" if node.module else up
+                targets = [base, *(f"{base}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for target in targets:
+                if target in files and target != name:
+                    graph.add_edge(name, target)
+    return graph
+
+
+def test_the_project_imports_one_way() -> None:
+    import networkx as nx
+
+    graph = _import_graph()
+    # the graph is the real one: the layers' known edges are in it
+    for edge in [
+        ("nas_headprune.strategy", "nas_headprune.allocate"),
+        ("nas_headprune.allocate", "nas_headprune.space"),
+        ("nas_headprune.build", "nas_headprune.registry"),
+        ("nas_headprune.runner", "nas_headprune.build"),
+    ]:
+        assert graph.has_edge(*edge), edge
+    cycles = [" -> ".join(c) for c in nx.simple_cycles(graph)]
+    assert cycles == []
