@@ -33,7 +33,6 @@ from nas_headprune.spaces.timm_vit import TimmMlpAdapter
 from nas_headprune.strategies.similarity_indicator import (
     CHECKPOINT_NAME,
     SimilarityIndicator,
-    _Batches,
     allowed_widths,
     attention_difference_scores,
     channel_gram,
@@ -47,6 +46,7 @@ from nas_headprune.strategies.similarity_indicator import (
     similarity_weights,
     weights_from_gram,
 )
+from nas_headprune.strategies.similarity_indicator.state import _Batches
 from nas_headprune.strategy import SearchContext, validate_result
 from nas_headprune.testing import run_conformance, tiny_context
 
@@ -932,7 +932,8 @@ def test_the_data_position_is_carried_across_world_sizes() -> None:
 
 
 def test_taylor_init_orders_the_indicators_like_the_taylor_scores() -> None:
-    from nas_headprune.strategies.similarity_indicator import SimilarityIndicatorConfig, _taylor_init
+    from nas_headprune.strategies.similarity_indicator import SimilarityIndicatorConfig
+    from nas_headprune.strategies.similarity_indicator.init import _taylor_init
     from nas_headprune.strategies.taylor import Taylor
 
     ctx = tiny_context()
@@ -962,7 +963,7 @@ def test_taylor_init_changes_the_search_and_keeps_it_valid() -> None:
 
 
 def test_penalty_warmup_and_cosine_indicator_rate() -> None:
-    from nas_headprune.strategies.similarity_indicator import (
+    from nas_headprune.strategies.similarity_indicator.config import (
         SimilarityIndicatorConfig,
         _indicator_lr,
         _lam,

@@ -62,8 +62,11 @@ def _module_files() -> dict[str, Path]:
         where[f"nas_headprune.{sub}"] = ROOT / "nas_headprune" / sub
     files = {}
     for package, folder in where.items():
-        for path in folder.glob("*.py"):
-            files[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in folder.rglob("*.py"):
+            parts = [*path.relative_to(folder).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            files[".".join([package, *parts])] = path
     return files
 
 
@@ -112,6 +115,10 @@ def test_the_project_imports_one_way() -> None:
         ("nas_headprune.allocate", "nas_headprune.space"),
         ("nas_headprune.build", "nas_headprune.registry"),
         ("nas_headprune.runner", "nas_headprune.build"),
+        (
+            "nas_headprune.strategies.similarity_indicator.search",
+            "nas_headprune.strategies.similarity_indicator.masks",
+        ),
     ]:
         assert graph.has_edge(*edge), edge
     cycles = [" -> ".join(c) for c in nx.simple_cycles(graph)]
