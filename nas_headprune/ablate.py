@@ -161,7 +161,15 @@ class AblationSpec(BaseModel):
         None,
         ge=0,
         description="give every trial this many training steps in all: the fine-tune gets what the "
-        "strategy's search does not spend on the weights (finetune.epochs=1 with that many steps)",
+        "strategy's search does not spend on the weights (one epoch of that many steps, or equal "
+        "epochs of at most epoch_steps); a trial whose run trained another number of steps fails",
+    )
+    epoch_steps: int | None = Field(
+        None,
+        ge=1,
+        description="with equal_steps: the most optimizer steps one fine-tune epoch can take (the "
+        "training split's batches per epoch); the fine-tune is split into as few equal epochs as keep "
+        "each within it",
     )
 
     @field_validator("budgets")
@@ -319,7 +327,7 @@ def expand(spec: AblationSpec) -> list[Trial]:
                             )
                         )
     if spec.equal_steps is not None:
-        trials = [_with_equal_steps(t, spec.equal_steps) for t in trials]
+        trials = [_with_equal_steps(t, spec.equal_steps, spec.epoch_steps) for t in trials]
     ids = [t.trial_id for t in trials]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -327,8 +335,9 @@ def expand(spec: AblationSpec) -> list[Trial]:
     return trials
 
 
-def _with_equal_steps(trial: Trial, total: int) -> Trial:
-    """``trial`` with a fine-tune of ``total`` minus the steps its search trains the weights."""
+def _with_equal_steps(trial: Trial, total: int, epoch_steps: int | None = None) -> Trial:
+    """``trial`` with a fine-tune of ``total`` minus the steps its search trains the weights: one
+    epoch of that many steps, or the fewest equal epochs of at most ``epoch_steps`` each."""
     from nas_headprune.config import load_config
     from nas_headprune.registry import make_strategy
 
@@ -343,8 +352,13 @@ def _with_equal_steps(trial: Trial, total: int) -> Trial:
             f"trial {trial.trial_id}: equal_steps={total} is less than the {planned} steps its search "
             "trains the weights; raise equal_steps or shorten the search"
         )
+    epochs = 1
+    if epoch_steps is not None and rest > 0:  # the fewest equal epochs that each fit in one
+        epochs = next(k for k in range(1, rest + 1) if rest % k == 0 and rest // k <= epoch_steps)
     finetune = (
-        ["finetune.epochs=0"] if rest == 0 else ["finetune.epochs=1", f"finetune.max_steps_per_epoch={rest}"]
+        ["finetune.epochs=0"]
+        if rest == 0
+        else [f"finetune.epochs={epochs}", f"finetune.max_steps_per_epoch={rest // epochs}"]
     )
     return dataclasses.replace(trial, overrides=(*trial.overrides[:-1], *finetune, trial.overrides[-1]))
 
@@ -556,6 +570,15 @@ def run_ablation(
         )
 
     def record(trial: Trial, res: dict[str, Any]) -> None:
+        steps = (res.get("summary") or {}).get("steps_total")
+        if res["status"] == "done" and spec.equal_steps is not None and steps != spec.equal_steps:
+            # e.g. a fine-tune epoch shorter than its cap: the comparison would not be at equal steps
+            res = {
+                **res,
+                "status": "failed",
+                "error": f"the run trained {steps} steps, not equal_steps={spec.equal_steps} (is an epoch "
+                "of the training split shorter than the fine-tune's steps per epoch? set epoch_steps)",
+            }
         store.record(trial.trial_id, res)
         if res["status"] == "done":
             outcome.done += 1

@@ -355,6 +355,28 @@ def test_equal_steps_gives_the_fine_tune_what_the_search_does_not_train() -> Non
         expand(too_few)
 
 
+def test_equal_steps_split_into_equal_epochs_that_fit_one_epoch() -> None:
+    spec = tiny_spec(strategies=["magnitude"], seeds=[0], equal_steps=700, epoch_steps=430)
+    overrides = expand(spec)[0].overrides
+    assert "finetune.epochs=2" in overrides and "finetune.max_steps_per_epoch=350" in overrides
+    prime = tiny_spec(strategies=["magnitude"], seeds=[0], equal_steps=7, epoch_steps=3)
+    overrides = expand(prime)[0].overrides  # 7 steps in epochs of at most 3: seven epochs of one
+    assert "finetune.epochs=7" in overrides and "finetune.max_steps_per_epoch=1" in overrides
+
+
+def test_a_trial_that_trains_other_than_equal_steps_fails(tmp_path) -> None:
+    # 256 training images in batches of 64: an epoch has 4 steps, so one epoch cannot give 10
+    spec = tiny_spec(strategies=["magnitude"], seeds=[0], equal_steps=10)
+    outcome = run_ablation(spec, tmp_path / "ab", progress=False)
+    assert outcome.failed == 1 and outcome.done == 0
+    assert "trained 4 steps, not equal_steps=10" in outcome.failures[0][1]
+    fixed = tiny_spec(strategies=["magnitude"], seeds=[0], equal_steps=10, epoch_steps=4)
+    outcome = run_ablation(fixed, tmp_path / "ab2", progress=False)  # five epochs of 2 steps
+    assert outcome.done == 1 and outcome.failed == 0
+    rows, _ = load_rows(tmp_path / "ab2")
+    assert [r["steps_total"] for r in rows] == [10]
+
+
 def test_summary_and_report_carry_validation_and_steps(tmp_path) -> None:
     spec = tiny_spec(
         seeds=[0],

@@ -473,7 +473,7 @@ def latency_table(
                 log.warning("latency cache file %s is damaged (%s); measuring again", path, exc)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     cores = os.cpu_count() or 1
-    if dev.type == "cpu" and load > 0.5 * cores:
+    if dev.type == "cpu" and load > cores:  # more runnable tasks than cores (this one included)
         log.warning(
             "measuring a latency table on a busy machine (load average %.2f on %d cores): times measured "
             "now are slower than idle ones, small batches most, and the table is cached%s",
