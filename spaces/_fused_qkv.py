@@ -203,6 +203,33 @@ def split_qkv(
     return q, k, v
 
 
+def pruned_attention_kwargs(module: nn.Module, widths: Mapping[str, int]) -> dict[str, Any]:
+    """The constructor arguments every pruned fused-qkv attention module takes from its dense one:
+    input width, heads (fewer when whole heads were dropped), per-head widths, the dense softmax
+    scale, the qkv bias, the attention path flag and the dropouts."""
+    heads, _, _ = head_widths(module)
+    qkv = cast(nn.Linear, module.qkv)
+    return {
+        "dim": qkv.in_features,
+        "num_heads": widths.get(HEADS, heads),
+        "head_dim_qk": widths["qk"],
+        "head_dim_v": widths["v"],
+        "scale": float(cast(float, module.scale)),
+        "qkv_bias": qkv.bias is not None,
+        "fused_attn": bool(module.fused_attn),
+        "attn_drop": cast(nn.Dropout, module.attn_drop).p,
+        "proj_drop": cast(nn.Dropout, module.proj_drop).p,
+    }
+
+
+def install_sliced(new: nn.Module, module: nn.Module, params: Mapping[str, torch.Tensor]) -> nn.Module:
+    """``new`` holding the sliced ``qkv`` and ``proj`` of ``params``, in ``module``'s train/eval mode."""
+    new.qkv = new_linear(params["qkv.weight"], params.get("qkv.bias"))
+    new.proj = new_linear(params["proj.weight"], cast(nn.Linear, module.proj).bias)
+    new.train(module.training)
+    return new
+
+
 def new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     out_f, in_f = weight.shape
     lin = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)

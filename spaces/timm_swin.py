@@ -15,7 +15,7 @@ from torch import nn
 
 from nas_headprune.space import LayerSpace
 
-from ._fused_qkv import FusedQkvAdapter, attend, head_widths, new_linear, split_qkv
+from ._fused_qkv import FusedQkvAdapter, attend, install_sliced, pruned_attention_kwargs, split_qkv
 
 
 class PrunedWindowAttention(nn.Module):
@@ -122,24 +122,11 @@ class TimmWindowAttentionAdapter(FusedQkvAdapter):
     def build_pruned(
         self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]
     ) -> nn.Module:
-        heads, _, _ = head_widths(module)
-        qkv, proj = cast(nn.Linear, module.qkv), cast(nn.Linear, module.proj)
+        qkv = cast(nn.Linear, module.qkv)
         win_h, win_w = cast("tuple[int, int]", module.window_size)
-        new = PrunedWindowAttention(
-            dim=qkv.in_features,
-            num_heads=heads,
-            head_dim_qk=widths["qk"],
-            head_dim_v=widths["v"],
-            window_size=(win_h, win_w),
-            scale=float(cast(float, module.scale)),
-            qkv_bias=qkv.bias is not None,
-            fused_attn=bool(module.fused_attn),
-            attn_drop=cast(nn.Dropout, module.attn_drop).p,
-            proj_drop=cast(nn.Dropout, module.proj_drop).p,
-        ).to(device=qkv.weight.device, dtype=qkv.weight.dtype)
+        new = PrunedWindowAttention(**pruned_attention_kwargs(module, widths), window_size=(win_h, win_w)).to(
+            device=qkv.weight.device, dtype=qkv.weight.dtype
+        )
         with torch.no_grad():
             new.relative_position_bias_table.copy_(cast(nn.Parameter, module.relative_position_bias_table))
-        new.qkv = new_linear(params["qkv.weight"], params.get("qkv.bias"))
-        new.proj = new_linear(params["proj.weight"], proj.bias)
-        new.train(module.training)
-        return new
+        return install_sliced(new, module, params)

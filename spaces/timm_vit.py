@@ -20,8 +20,9 @@ from ._fused_qkv import (
     attend,
     attention_path,
     attention_paths,
-    head_widths,
+    install_sliced,
     new_linear,
+    pruned_attention_kwargs,
     split_qkv,
 )
 from ._hidden_units import HiddenUnitsAdapter
@@ -119,25 +120,13 @@ class TimmAttentionAdapter(FusedQkvAdapter):
     def build_pruned(
         self, module: nn.Module, layer: LayerSpace, widths: dict[str, int], params: dict[str, torch.Tensor]
     ) -> nn.Module:
-        heads, _, _ = head_widths(module)
         qkv, proj = cast(nn.Linear, module.qkv), cast(nn.Linear, module.proj)
         new = PrunedAttention(
-            dim=qkv.in_features,
-            num_heads=widths.get("heads", heads),
-            head_dim_qk=widths["qk"],
-            head_dim_v=widths["v"],
-            scale=float(cast(float, module.scale)),
-            qkv_bias=qkv.bias is not None,
+            **pruned_attention_kwargs(module, widths),
             proj_bias=proj.bias is not None,
             out_dim=proj.out_features,
-            fused_attn=bool(module.fused_attn),
-            attn_drop=cast(nn.Dropout, module.attn_drop).p,
-            proj_drop=cast(nn.Dropout, module.proj_drop).p,
         ).to(device=qkv.weight.device, dtype=qkv.weight.dtype)
-        new.qkv = new_linear(params["qkv.weight"], params.get("qkv.bias"))
-        new.proj = new_linear(params["proj.weight"], proj.bias)
-        new.train(module.training)
-        return new
+        return install_sliced(new, module, params)
 
 
 class TimmMlpAdapter(HiddenUnitsAdapter):
