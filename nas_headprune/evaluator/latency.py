@@ -28,8 +28,6 @@ import json
 import logging
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ import torch
 from torch import nn
 
 from nas_headprune.errors import UsageError
+from nas_headprune.evaluator.metrics import interleaved_medians
 from nas_headprune.space import Architecture, DimSpec, HeadSpace
 
 log = logging.getLogger(__name__)
@@ -197,11 +196,6 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _layer_inputs(model: nn.Module, space: HeadSpace, example: torch.Tensor) -> dict[str, tuple[tuple, dict]]:
     """The positional and keyword arguments each prunable layer gets in one forward of ``example``."""
     captured: dict[str, tuple[tuple, dict]] = {}
@@ -224,40 +218,6 @@ def _layer_inputs(model: nn.Module, space: HeadSpace, example: torch.Tensor) -> 
     if missing:
         raise UsageError(f"layer {missing[0]!r} was not called in a forward pass; it cannot be timed")
     return captured
-
-
-def _timed(fn: Callable[[], Any], inner: int, device: torch.device) -> float:
-    """Seconds per call of ``fn``, over ``inner`` calls."""
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / inner
-
-
-def _inner_calls(fn: Callable[[], Any], device: torch.device, sample_s: float = 2e-3) -> int:
-    """Calls per timing sample so that one sample lasts about ``sample_s`` (short layers repeat)."""
-    once = min(_timed(fn, 1, device) for _ in range(3))
-    return max(1, min(50, int(sample_s / max(once, 1e-7))))
-
-
-def _interleaved_medians(
-    fns: dict[Any, Callable[[], Any]], rounds: int, warmup: int, device: torch.device
-) -> dict[Any, float]:
-    """Median ms per call of each function, the functions timed in a rotating order each round."""
-    keys = list(fns)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for k in keys:
-                fns[k]()
-        inner = {k: _inner_calls(fns[k], device) for k in keys}
-        times: dict[Any, list[float]] = {k: [] for k in keys}
-        for r in range(rounds):
-            shift = r % len(keys)
-            for k in keys[shift:] + keys[:shift]:
-                times[k].append(_timed(fns[k], inner[k], device))
-    return {k: 1000.0 * statistics.median(v) for k, v in times.items()}
 
 
 def index_of(combo: tuple[int, ...], grid: Mapping[str, list[int]]) -> tuple[int, ...]:
@@ -345,10 +305,17 @@ def measure_table(
             module = modules[key]
             return lambda: module(*args, **kwargs)
 
-        layer_ms = _interleaved_medians({key: call(key) for key in modules}, rounds, warmup, dev)
-        whole = _interleaved_medians(
-            {"dense": lambda: dense(example), "smallest": lambda: small_model(example)}, rounds, warmup, dev
+        # short layers repeat within a sample (about 2 ms each), so timer resolution does not show
+        layer_s = interleaved_medians({key: call(key) for key in modules}, rounds, warmup, dev, sample_s=2e-3)
+        whole_s = interleaved_medians(
+            {"dense": lambda: dense(example), "smallest": lambda: small_model(example)},
+            rounds,
+            warmup,
+            dev,
+            sample_s=2e-3,
         )
+        layer_ms = {key: 1000.0 * v for key, v in layer_s.items()}
+        whole = {key: 1000.0 * v for key, v in whole_s.items()}
     finally:
         model.train(was_training)
         if threads is not None:

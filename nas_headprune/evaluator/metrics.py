@@ -9,12 +9,13 @@ attention paths each model runs (:func:`attention_paths`). Speed is reported, ne
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +29,14 @@ __all__ = [
     "attention_paths",
     "count_params",
     "evaluate",
+    "interleaved_medians",
     "measure_throughput",
     "resolve_device",
     "split_batch",
 ]
 
 logger = logging.getLogger(__name__)
+K = TypeVar("K")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -171,6 +174,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_call(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` over ``calls`` calls, the device synchronised before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved_medians(
+    fns: Mapping[K, Callable[[], Any]],
+    rounds: int,
+    warmup: int,
+    device: torch.device,
+    sample_s: float | None = None,
+) -> dict[K, float]:
+    """Median seconds per call of each function under ``torch.inference_mode``: ``warmup`` untimed
+    calls each, then ``rounds`` rounds that call every function once, the order rotated from round
+    to round, so slow spells of the machine hit all of them alike. ``sample_s`` (optional): repeat a
+    short function within one sample so that the sample lasts about that long (at most 50 calls);
+    by default one call is one sample."""
+    keys = list(fns)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for k in keys:
+                fns[k]()
+        _sync(device)
+        calls = dict.fromkeys(keys, 1)
+        if sample_s is not None:
+            for k in keys:
+                once = min(timed_call(fns[k], 1, device) for _ in range(3))
+                calls[k] = max(1, min(50, int(sample_s / max(once, 1e-7))))
+        times: dict[K, list[float]] = {k: [] for k in keys}
+        for r in range(rounds):
+            shift = r % len(keys)
+            for k in keys[shift:] + keys[:shift]:
+                times[k].append(timed_call(fns[k], calls[k], device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
@@ -227,27 +271,14 @@ def measure_throughput(
             dtype = _model_dtype(model)
             # every model sees the very same tensor unless its weights need another dtype
             inputs[name] = shared if dtype == shared.dtype else shared.to(dtype)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        with torch.inference_mode():
-            for _ in range(warmup):
-                for name in names:
-                    models[name](inputs[name])
-            _sync(dev)
-            for round_index in range(iters):
-                shift = round_index % len(names)
-                for name in names[shift:] + names[:shift]:
-                    _sync(dev)
-                    start = time.perf_counter()
-                    models[name](inputs[name])
-                    _sync(dev)
-                    times[name].append(time.perf_counter() - start)
+        forwards = {name: functools.partial(models[name], inputs[name]) for name in names}
+        medians = interleaved_medians(forwards, iters, warmup, dev)
     finally:
         for name in names:
             models[name].train(modes[name])
         if threads is not None:
             torch.set_num_threads(old_threads)
 
-    medians = {name: statistics.median(times[name]) for name in names}
     reference = medians[names[0]]
     result: dict[str, dict[str, Any]] = {}
     for name in names:
