@@ -63,7 +63,7 @@ def _round_down(width: float, d: DimSpec) -> int:
 
 def check_reachable(space: HeadSpace, target: float, cost: CostModel = MACS) -> Architecture:
     """The smallest architecture of ``space``; :class:`BudgetError` if even it costs above ``target``."""
-    smallest = Architecture({label: d.allowed()[0] for label, d in space.dims.items()})
+    smallest = space.smallest()
     floor = cost.total(space, smallest)
     if floor > target:
         dense = cost.dense(space)

@@ -436,6 +436,10 @@ class HeadSpace:
     def dense(self) -> Architecture:
         return Architecture({label: d.max_width for label, d in self.dims.items()})
 
+    def smallest(self) -> Architecture:
+        """Every dimension at its smallest allowed width (the cheapest architecture of the space)."""
+        return Architecture({label: d.allowed()[0] for label, d in self.dims.items()})
+
     def layer_of(self, label: str) -> LayerSpace:
         layer, _ = split_label(label)
         if layer not in self.layers:

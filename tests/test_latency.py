@@ -15,7 +15,7 @@ from nas_headprune.allocate import MACS, BudgetError, allocate
 from nas_headprune.cli import main
 from nas_headprune.evaluator import latency as lat
 from nas_headprune.evaluator.latency import LatencyTable, grid_widths, latency_table, measure_table
-from nas_headprune.space import Architecture, DimSpec, build_space
+from nas_headprune.space import DimSpec, build_space
 
 
 def _vit() -> tuple[torch.nn.Module, object]:
@@ -96,7 +96,7 @@ def test_calibration_matches_the_whole_models_at_both_ends() -> None:
     _, space = _vit()
     names = list(space.layers)
     layers = _flat_layers(space, {n: (1.0, 3.0) for n in names})  # alone: sum 1*L at smallest, 3*L dense
-    smallest = Architecture({label: d.allowed()[0] for label, d in space.dims.items()})
+    smallest = space.smallest()
     table = lat.calibrate(layers, space, dense_ms=20.0, smallest_ms=12.0, setting={})
     assert table.scale == pytest.approx(8.0 / (2.0 * len(names)))
     assert table.predict(space, space.dense()) == pytest.approx(20.0)

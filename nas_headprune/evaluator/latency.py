@@ -65,8 +65,9 @@ def _monotone(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _interpolate(grids: list[list[int]], values: torch.Tensor, point: list[float]) -> float:
-    """Multilinear interpolation of ``values`` (one axis per grid) at ``point``, clamped to the grid."""
+def _interpolate(grids: list[list[int]], values: Any, point: list[float]) -> float:
+    """Multilinear interpolation of ``values`` (nested lists or a tensor, one axis per grid) at
+    ``point``, clamped to the grid."""
     if not grids:
         return float(values)
     grid, rest = grids[0], grids[1:]
@@ -91,9 +92,8 @@ class LayerLatency:
     ms: list  # the same made non-decreasing in every width
 
     def at(self, widths: Mapping[str, float]) -> float:
-        return _interpolate(
-            self.grids, torch.tensor(self.ms, dtype=torch.float64), [widths[k] for k in self.kinds]
-        )
+        # the nested lists as they are: the allocator asks this for every candidate step
+        return _interpolate(self.grids, self.ms, [widths[k] for k in self.kinds])
 
 
 @dataclass
@@ -220,11 +220,6 @@ def _layer_inputs(model: nn.Module, space: HeadSpace, example: torch.Tensor) -> 
     return captured
 
 
-def index_of(combo: tuple[int, ...], grid: Mapping[str, list[int]]) -> tuple[int, ...]:
-    """A layer's grid index within a tuple of indices over all layers (its first ``len(grid)``)."""
-    return combo[: len(grid)]
-
-
 def _grids(space: HeadSpace, points: int) -> dict[str, dict[str, list[int]]]:
     return {
         name: {kind: grid_widths(d, points) for kind, d in layer.dims.items()}
@@ -280,7 +275,7 @@ def measure_table(
             task = bar.add_task("latency table: pruned copies", total=len(combos))
             for combo in combos:
                 widths: dict[str, int] = {}
-                timed: list[str] = []
+                timed: list[tuple[str, tuple[int, ...]]] = []  # (layer, its grid index)
                 for name, layer in space.layers.items():
                     g = grids[name]
                     index = combo[: len(g)]
@@ -288,16 +283,16 @@ def measure_table(
                         i >= len(w) for i, w in zip(index, g.values(), strict=True)
                     ):
                         continue
-                    timed.append(name)
+                    timed.append((name, index))
                     for (kind, w), i in zip(g.items(), index, strict=True):
                         widths[layer.dims[kind].label] = w[i]
                 if timed:
                     arch = Architecture({**space.dense(), **widths})
                     pruned = materialize(dense, space, space.first_channels(arch)).eval()
-                    for name in timed:
-                        modules[name, index_of(combo, grids[name])] = pruned.get_submodule(name)
+                    for name, index in timed:
+                        modules[name, index] = pruned.get_submodule(name)
                 bar.advance(task)
-        smallest = Architecture({label: d.allowed()[0] for label, d in space.dims.items()})
+        smallest = space.smallest()
         small_model = materialize(dense, space, space.first_channels(smallest)).to(dev).eval()
 
         def call(key: tuple[str, tuple[int, ...]]) -> Callable[[], Any]:
@@ -353,7 +348,7 @@ def calibrate(
     model too small to tell them apart) the layers' times are taken as they are (``scale`` 1) and
     only the dense end is matched."""
     table = LatencyTable(layers, 0.0, 1.0, dense_ms, smallest_ms, dict(setting))
-    smallest = Architecture({label: d.allowed()[0] for label, d in space.dims.items()})
+    smallest = space.smallest()
     dense_sum = table.predict(space, space.dense())
     small_sum = table.predict(space, smallest)
     if dense_ms > smallest_ms and dense_sum > small_sum:
