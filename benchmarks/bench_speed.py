@@ -55,7 +55,6 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -331,30 +330,38 @@ def deit_rows(log: Any, cache: Path) -> tuple[nn.Module, tuple[int, ...], list[R
     for strategy in STRATEGIES:
         for variant, overrides in VARIANTS.items():
             t0 = time.perf_counter()
-            settings = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}
-            options = {
-                k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("strategy_options.")
-            }
-            space = base_space.with_heads() if settings.get("space.prune_heads") else base_space
+            # the variant's overrides read as a run config reads them (typed and validated)
+            cfg = load_config("default", [f"budget={BUDGET}", *overrides])
+            space = base_space.with_heads() if cfg.space.prune_heads else base_space
             ctx = SearchContext(
                 model=dense,
                 space=space,
-                budget=settings.get("budget", BUDGET),
+                budget=cfg.budget,
                 dense_macs=dense_macs,
                 calib=calib,
                 seed=0,
+                budget_kind=cfg.budget_kind,
             )
             latency = None
-            if settings.get("budget_kind") == "latency":
-                batch = settings["latency.batch_size"]
-                ctx.budget_kind = "latency"
+            if cfg.budget_kind == "latency":
                 ctx.latency, _ = latency_table(
-                    dense, space, batch_size=batch, device="cpu", threads=1, cache_dir=cache, **DEIT_LATENCY
+                    dense,
+                    space,
+                    batch_size=cfg.latency.batch_size,
+                    device="cpu",
+                    threads=1,
+                    cache_dir=cache,
+                    **DEIT_LATENCY,
                 )
-            selection, _ = validate_result(strategy, ctx, make_strategy(strategy, options).search(ctx))
+            strategy_obj = make_strategy(strategy, cfg.strategy_options)
+            selection, _ = validate_result(strategy, ctx, strategy_obj.search(ctx))
             if ctx.latency is not None:
                 predicted = ctx.latency.predict(space, selection.architecture()) / ctx.latency.dense_ms
-                latency = {"batch_size": batch, "budget": ctx.budget, "predicted_fraction": predicted}
+                latency = {
+                    "batch_size": cfg.latency.batch_size,
+                    "budget": cfg.budget,
+                    "predicted_fraction": predicted,
+                }
             model = materialize(dense, space, selection).eval()
             if variant == "default":
                 out.append(Row(strategy, MATH, _force_math(model)))
