@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import _search_args
+from test_surgery import _random_selection
 from zoo import MODEL_ZOO, input_size, make_model
 
 from nas_headprune.allocate import allocate, head_scores
@@ -30,13 +31,6 @@ def _setup(key: str, fused: bool):
         model = make_model(key, fused=fused)
         _CACHE[(key, fused)] = (model, build_space(model, input_size(key)).with_heads())
     return _CACHE[(key, fused)]
-
-
-def _selection(space, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    arch = space.sample(seed)
-    scores = {k: torch.rand(d.heads * d.max_width, generator=gen) for k, d in space.dims.items()}
-    return space.selection_from_scores(scores, arch)
 
 
 def test_with_heads_adds_a_head_count_to_supported_attention_layers_only(caplog) -> None:
@@ -69,7 +63,7 @@ def test_with_heads_adds_a_head_count_to_supported_attention_layers_only(caplog)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_dropping_heads_pruned_equals_masked_and_counts_are_exact(key: str, fused: bool, seed: int) -> None:
     model, space = _setup(key, fused)
-    selection = _selection(space, seed)
+    selection = _random_selection(space, seed)
     pruned = materialize(model, space, selection)
     x = torch.randn(2, *input_size(key), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -111,7 +105,7 @@ def test_a_dropped_head_takes_its_own_channels_with_it() -> None:
 
 def test_pruned_model_with_dropped_heads_saves_and_loads_bit_exact(tmp_path) -> None:
     model, space = _setup("vit", True)
-    selection = _selection(space, 5)
+    selection = _random_selection(space, 5)
     assert any(
         v < space.dims[k].max_width for k, v in selection.architecture().items() if k.endswith(":heads")
     )
