@@ -46,7 +46,11 @@ _SIMILARITY_SKIPPED = "similarity_skipped"
 
 
 class SimilarityIndicatorConfig(WidthConfig):
-    """Options of :class:`SimilarityIndicator`; each names the METHOD.md choice it implements."""
+    """Options of :class:`SimilarityIndicator`; each names the METHOD.md choice it implements.
+
+    ``steps``, ``init_other`` and ``lam_warmup`` default to the setting the ``similarity_study``
+    ablation picked on the validation split (docs/results/ablations/similarity_study); before it they
+    were 200, uniform and 0.0, which the ablation files made before the study pin."""
 
     similarity: Literal["none", "redundancy", "alignment"] = Field(
         "redundancy",
@@ -88,7 +92,7 @@ class SimilarityIndicatorConfig(WidthConfig):
         256, ge=1, description="3.5 query tokens sampled per image for the attention difference"
     )
     init_other: Literal["uniform", "taylor", "shuffled_taylor"] = Field(
-        "uniform",
+        "taylor",
         description="start of the indicators the attention-difference init does not set (softmax "
         "attention, MLPs): 1.0 (uniform) or tau + init_margin * normalise(first-order Taylor score on "
         "the calibration batches), normalised like init_scale; shuffled_taylor is its control, the same "
@@ -100,13 +104,13 @@ class SimilarityIndicatorConfig(WidthConfig):
         "above",
         description="3.6 squared error of MACs/target - 1 only above the target, or on both sides",
     )
-    steps: int = Field(200, ge=0, description="3.7 search steps (batches)")
+    steps: int = Field(600, ge=0, description="3.7 search steps (batches)")
     lr_indicator: float = Field(0.02, gt=0, description="Adam learning rate of the indicators")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="schedule of the indicators' learning rate: constant, or cosine to 0"
     )
     lam_warmup: float = Field(
-        0.0,
+        0.3,
         ge=0,
         le=1,
         description="fraction of the steps over which the MACs penalty weight ramps linearly from 0 to "
