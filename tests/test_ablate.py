@@ -351,7 +351,7 @@ def test_equal_steps_gives_the_fine_tune_what_the_search_does_not_train() -> Non
     )
     assert "finetune.max_steps_per_epoch=30" in expand(without_weights)[0].overrides
     too_few = tiny_spec(strategies=["similarity_indicator"], seeds=[0], equal_steps=5)
-    with pytest.raises(ConfigError, match="equal_steps=5 is less than the 200 steps"):
+    with pytest.raises(ConfigError, match="equal_steps=5 is less than the 600 steps"):
         expand(too_few)
 
 

@@ -283,7 +283,11 @@ def test_folded_scales_equal_the_masked_model(model: str) -> None:
 
 def test_macs_penalty_drives_the_architecture_to_the_budget() -> None:
     ctx = tiny_context(budget=0.5)
-    result = make_strategy("similarity_indicator", {"steps": 100, "checkpoint_every": 0}).search(ctx)
+    # every indicator starts at 1.0 and the penalty is on from the first step (no warm-up)
+    uniform = {"init_other": "uniform", "lam_warmup": 0.0}
+    result = make_strategy("similarity_indicator", {"steps": 100, "checkpoint_every": 0, **uniform}).search(
+        ctx
+    )
     info = result.info
     assert info["first_step_within_budget"] is not None
     assert not info["fixup"], "the penalty alone should have met the budget"
@@ -291,7 +295,9 @@ def test_macs_penalty_drives_the_architecture_to_the_budget() -> None:
     assert info["under_budget"] == pytest.approx(0.5 - info["macs_ratio"])
     assert info["loss"]["macs_ratio_to_target_trace"][0] == pytest.approx(2.0, rel=1e-3)  # dense / target
     # without the penalty nothing pushes the indicators down: the fix-up has to meet the budget
-    free = make_strategy("similarity_indicator", {"steps": 30, "lam": 0.0, "checkpoint_every": 0}).search(ctx)
+    free = make_strategy(
+        "similarity_indicator", {"steps": 30, "lam": 0.0, "checkpoint_every": 0, **uniform}
+    ).search(ctx)
     assert free.info["fixup"] and free.info["fixup_steps"]
     assert free.info["searched_macs_ratio"] > 0.9
     validate_result("similarity_indicator", ctx, free)
@@ -666,7 +672,8 @@ def _toy_linear_context(work_dir: Path) -> SearchContext:
 def test_linear_attention_layers_start_from_the_attention_difference(tmp_path) -> None:
     ctx = _toy_linear_context(tmp_path)
     model, calib = ctx.model, ctx.calib
-    config = {"init": "attention_difference", "init_margin": 0.3, "steps": 0}
+    # the other indicators start at 1.0, so only the attention difference shapes the start
+    config = {"init": "attention_difference", "init_margin": 0.3, "steps": 0, "init_other": "uniform"}
     result = make_strategy("similarity_indicator", config).search(ctx)
     indicators = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["indicators"]
 
@@ -956,7 +963,7 @@ def test_taylor_init_orders_the_indicators_like_the_taylor_scores() -> None:
 def test_taylor_init_changes_the_search_and_keeps_it_valid() -> None:
     ctx = tiny_context()
     base = {"steps": 3, "checkpoint_every": 0, "calib_batches_for_similarity": 2}
-    plain = make_strategy("similarity_indicator", base).search(ctx)
+    plain = make_strategy("similarity_indicator", {**base, "init_other": "uniform"}).search(ctx)
     taylor = make_strategy("similarity_indicator", {**base, "init_other": "taylor"}).search(ctx)
     selection, _ = validate_result("similarity_indicator", ctx, taylor)
     assert selection.to_lists() != ctx.space.selection(dict(plain.selection.items())).to_lists()

@@ -80,10 +80,25 @@ def test_each_property_fails_on_a_strategy_that_breaks_it(strategy, method, mess
         getattr(case, method)()
 
 
+class _ChannelsOnly(ScoringStrategy):
+    """Scores channels but does not declare ``head_pruning``."""
+
+    head_pruning = False
+
+    def score(self, ctx: SearchContext) -> dict[str, torch.Tensor]:
+        raise AssertionError("the kit must skip before searching")
+
+
 def test_whole_heads_is_skipped_for_a_strategy_that_does_not_search_heads() -> None:
-    case = type("Case", (StrategyTestCase,), {"strategy": "similarity_indicator", "config": {"steps": 2}})()
+    case = type("Case", (StrategyTestCase,), {"strategy": _ChannelsOnly})()
     with pytest.raises(unittest.SkipTest, match="whole heads"):
         case.test_whole_heads()
+
+
+def test_similarity_indicator_with_its_head_indicator_passes_the_whole_heads_kit() -> None:
+    config = {"steps": 3, "head_indicator": True, "calib_batches_for_similarity": 1}
+    case = type("Case", (StrategyTestCase,), {"strategy": "similarity_indicator", "config": config})()
+    case.test_whole_heads()
 
 
 def test_a_case_without_a_strategy_says_so() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -195,9 +196,44 @@ def test_prune_heads_run_and_strategies_that_cannot(tmp_path, capsys) -> None:
     stages = json.loads((tmp_path / "run" / "stages.json").read_text())
     assert "prune_heads" in json.dumps(stages)
     capsys.readouterr()
-    assert main(_search_args(tmp_path / "b", "space.prune_heads=true", strategy="similarity_indicator")) == 2
+    assert main(_search_args(tmp_path / "b", "space.prune_heads=true", strategy="nni_random")) == 2
     err = capsys.readouterr().err
-    assert "'similarity_indicator'" in err and "whole heads" in err and "Traceback" not in err
+    assert "'nni_random'" in err and "whole heads" in err and "Traceback" not in err
+    # similarity_indicator searches whole heads only with its head indicator switched on
+    assert main(_search_args(tmp_path / "c", "space.prune_heads=true", strategy="similarity_indicator")) == 2
+    err = capsys.readouterr().err
+    assert "strategy_options.head_indicator: true" in err and "Traceback" not in err
+    on = ["space.prune_heads=true", "strategy_options={steps: 4, head_indicator: true}", "budget=0.4"]
+    assert main(_search_args(tmp_path / "d", *on, strategy="similarity_indicator")) == 0
+    result = json.loads((tmp_path / "d" / "run" / "result.json").read_text())
+    assert any(label.endswith(":heads") for label in result["architecture"])
+    assert result["pruned"]["macs"] == result["pruned"]["analytic_macs"] <= 0.4 * result["dense"]["macs"]
+
+
+def test_similarity_head_indicators_start_from_head_scores_and_learn(tmp_path) -> None:
+    from nas_headprune.registry import make_strategy
+    from nas_headprune.strategies.similarity_indicator import CHECKPOINT_NAME
+    from nas_headprune.strategies.taylor import Taylor
+
+    ctx = tiny_context(budget=0.4)
+    ctx.space = ctx.space.with_heads()
+    ctx.work_dir = tmp_path
+    heads = [d.label for d in ctx.space.dims.values() if d.kind == HEADS]
+    options = {"head_indicator": True, "calib_batches_for_similarity": 1, "checkpoint_every": 0}
+    result = make_strategy("similarity_indicator", {**options, "steps": 0}).search(ctx)
+    assert result.info["head_indicator"] is True
+    start = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["indicators"]
+    # init_other taylor: each layer's heads start in the order of their summed Taylor channel scores
+    channels = Taylor().score(dataclasses.replace(ctx, space=ctx.space.without_heads(), calib=ctx.calib[:1]))
+    expected = head_scores(ctx.space, channels)
+    for label in heads:
+        assert start[label].shape == (1, ctx.space.dims[label].max_width)
+        order = torch.argsort(start[label].reshape(-1), stable=True)
+        assert torch.equal(order, torch.argsort(expected[label].reshape(-1), stable=True))
+    (tmp_path / CHECKPOINT_NAME).unlink()
+    make_strategy("similarity_indicator", {**options, "steps": 4, "lr_indicator": 0.05}).search(ctx)
+    trained = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["indicators"]
+    assert all(not torch.equal(trained[label], start[label]) for label in heads)  # gradients reach them
 
 
 def test_runs_without_head_pruning_keep_their_fingerprints(tmp_path) -> None:

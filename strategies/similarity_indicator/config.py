@@ -98,6 +98,14 @@ class SimilarityIndicatorConfig(WidthConfig):
         "the calibration batches), normalised like init_scale; shuffled_taylor is its control, the same "
         "values dealt in a seeded random order",
     )
+    head_indicator: bool = Field(
+        False,
+        description="an indicator per head in the layers that may drop whole heads (space.prune_heads): "
+        "a layer keeps the heads whose indicator exceeds tau (at least one), trained with the channel "
+        "indicators under the same MACs penalty; it starts at 1.0, or from the head's summed Taylor "
+        "channel scores with init_other taylor. Off by default until measured; space.prune_heads "
+        "needs it on",
+    )
     tau: float = Field(0.5, description="3.1 threshold: a channel is kept when its score exceeds tau")
     lam: float = Field(10.0, ge=0, description="3.6 weight of the MACs penalty")
     penalty: Literal["above", "two_sided"] = Field(

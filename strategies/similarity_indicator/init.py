@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from nas_headprune.allocate import head_scores
 from nas_headprune.errors import (
     UsageError,
 )
@@ -194,11 +195,15 @@ def _attention_difference_init(
 def _taylor_init(space: HeadSpace, ctx: SearchContext, cfg: SimilarityIndicatorConfig) -> dict[str, Tensor]:
     """Initial indicators of every dimension from its channels' first-order Taylor scores on the
     calibration batches (the ``taylor`` strategy's scores, summed over ranks under torchrun), mapped
-    like the attention-difference init: ``tau + init_margin * normalise(score)`` per dimension."""
+    like the attention-difference init: ``tau + init_margin * normalise(score)`` per dimension. A
+    head count (``space.prune_heads``) starts from :func:`~nas_headprune.allocate.head_scores`."""
     from nas_headprune.strategies.taylor import Taylor
 
     calib = ctx.calib[: cfg.calib_batches_for_similarity]
-    scores = Taylor().score(dataclasses.replace(ctx, space=space, calib=calib))
+    channels = space.without_heads() if space.has_heads else space
+    scores = Taylor().score(dataclasses.replace(ctx, space=channels, calib=calib))
+    if space.has_heads:  # a head starts from the sum of its channels' scores, as the allocator ranks it
+        scores = head_scores(space, scores)
     out: dict[str, Tensor] = {}
     for label in sorted(scores):
         m0 = indicator_init_from_difference(scores[label].double(), cfg.tau, cfg.init_margin, cfg.init_scale)

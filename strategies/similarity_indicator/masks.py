@@ -17,6 +17,7 @@ from nas_headprune.errors import (
 )
 from nas_headprune.evaluator.cost import analytic_cost
 from nas_headprune.space import (
+    HEADS,
     DimSpec,
     HeadSpace,
     LayerSpace,
@@ -99,8 +100,9 @@ def fit_budget(
     space: HeadSpace, scores: Mapping[str, Tensor], arch: Mapping[str, int], target: float
 ) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Narrow ``arch`` one width step at a time, always the dimension losing the least score per MAC
-    saved (the scores of the channels each head would give up), until it costs at most ``target``.
-    Returns the widths and the steps taken."""
+    saved (the scores of the channels each head would give up; for a head count, the weakest kept
+    head's score times the channels each head keeps), until it costs at most ``target``. Returns the
+    widths and the steps taken."""
     widths = dict(arch)
     ranked = {
         label: torch.sort(
@@ -122,6 +124,8 @@ def fit_budget(
             cur = {k: widths[dd.label] for k, dd in layer.dims.items()}
             saved = float(layer.macs(cur)) - float(layer.macs({**cur, d.kind: new_w}))
             lost = float(ranked[label][:, new_w:w].sum())
+            if d.kind == HEADS:  # one head's score stands for all the channels the head keeps
+                lost *= sum(cur[k] for k, dd in layer.dims.items() if k != HEADS and dd.heads == d.max_width)
             key = lost / max(saved, _EPS)
             if best is None or key < best[0]:
                 best = (key, label, new_w, saved)

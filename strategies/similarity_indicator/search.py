@@ -21,6 +21,7 @@ from nas_headprune.allocate import check_reachable
 from nas_headprune.atomic import atomic_path
 from nas_headprune.errors import (
     CheckpointError,
+    ConfigError,
     NonFiniteLossError,
     StrategyError,
 )
@@ -28,6 +29,7 @@ from nas_headprune.evaluator.cost import analytic_cost
 from nas_headprune.evaluator.finetune import kl_to_teacher
 from nas_headprune.evaluator.metrics import amp_dtype
 from nas_headprune.space import (
+    HEADS,
     QUERY_SCALE,
     HeadSpace,
     MaskSet,
@@ -76,6 +78,12 @@ log = logging.getLogger(__name__)
 
 
 # =========================================================================== strategy
+
+
+def _always_balanced(cfg: SimilarityIndicatorConfig, space: HeadSpace, label: str) -> bool:
+    """Whether a dimension's mask keeps the same count in every head: with ``balance``, and always
+    for an MLP (one group of units) and a head count (one group of heads, at least one kept)."""
+    return cfg.balance or space.layer_of(label).kind == "mlp" or space.dims[label].kind == HEADS
 
 
 @dataclass
@@ -130,6 +138,7 @@ class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
     )
     Config = SimilarityIndicatorConfig
     reports_steps = True  # ctx.step_done(step, hard masks) after every step and its checkpoint
+    head_pruning = True  # with strategy_options.head_indicator: a learned indicator per head
 
     def planned_weight_steps(self) -> int:
         """Every search step updates the model's weights unless they are frozen."""
@@ -140,6 +149,11 @@ class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
     def search(self, ctx: SearchContext) -> SearchResult:
         """Search on a copy of ``ctx.model``; resumes from ``ctx.work_dir`` when it holds this search."""
         cfg = self.config
+        if ctx.space.has_heads and not cfg.head_indicator:
+            raise ConfigError(
+                "similarity_indicator searches whole heads (space.prune_heads: true) only with its head "
+                "indicator: set strategy_options.head_indicator: true, or space.prune_heads: false"
+            )
         space = ctx.space.with_step(resolve_width_step(cfg.width_step, ctx.device), cfg.min_width)
         check_reachable(space, ctx.target_macs)
         dev = torch.device(ctx.device)
@@ -247,7 +261,8 @@ class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
                 similarity = {label: torch.ones(space.shape(label)) for label in space.dims}
             else:  # under torchrun: each rank reads its share, the Gram matrices are summed
                 calib, reduce = _share(ctx, ctx.calib[: cfg.calib_batches_for_similarity], comm)
-                grams, similarity_skipped = channel_grams(model, space, calib, device, reduce=reduce)
+                channels = space.without_heads() if space.has_heads else space  # heads: weight 1
+                grams, similarity_skipped = channel_grams(model, channels, calib, device, reduce=reduce)
                 similarity = weights_from_grams(space, grams, cfg.similarity)
             start = {label: torch.ones(space.shape(label)) for label in space.dims}
             if cfg.init_other != "uniform":
@@ -402,7 +417,7 @@ class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
 
         cfg, space, history = run.cfg, run.space, run.history
         dims = space.dims
-        balanced = {label: cfg.balance or space.layer_of(label).kind == "mlp" for label in dims}
+        balanced = {label: _always_balanced(cfg, space, label) for label in dims}
         allowed = {label: allowed_widths(d, run.device) for label, d in dims.items()}
         trainable = [p for group in run.opt.param_groups for p in group["params"]]
         log_every = max(1, cfg.steps // 10)
@@ -520,6 +535,7 @@ class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
             "balance": cfg.balance,
             "reweight": cfg.reweight,
             "init": cfg.init,
+            "head_indicator": cfg.head_indicator,
             "steps": cfg.steps,
             "resumed_from_step": run.resumed_from,
         }
@@ -567,7 +583,7 @@ class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
         for label, d in space.dims.items():
             counts = (scores[label].reshape(d.heads, d.max_width) > cfg.tau).sum(1)  # (H,)
             raw_widths[label] = float(counts.sum()) / d.heads
-            if cfg.balance or space.layer_of(label).kind == "mlp":
+            if _always_balanced(cfg, space, label):
                 arch[label] = nearest_width(raw_widths[label], d)
             else:  # pad every head to the widest one, each with its next-best channels
                 arch[label] = padded_width(int(counts.max()), d)
