@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "save_pruned": "nas_headprune.io",
     "load_pruned": "nas_headprune.io",
-    "build_space": "nas_headprune.build",
+    "build_space": "nas_headprune.space.build",
     "HeadSpace": "nas_headprune.space",
     "Architecture": "nas_headprune.space",
     "Selection": "nas_headprune.space",
@@ -25,12 +25,12 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover  (names re-exported lazily by __getattr__)
-    from nas_headprune.build import build_space  # noqa: F401
     from nas_headprune.evaluator.cost import analytic_cost  # noqa: F401
     from nas_headprune.evaluator.materialize import materialize  # noqa: F401
     from nas_headprune.evaluator.measure import measure_macs  # noqa: F401
     from nas_headprune.io import load_pruned, save_pruned  # noqa: F401
     from nas_headprune.space import Architecture, HeadSpace, Selection  # noqa: F401
+    from nas_headprune.space.build import build_space  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -130,9 +130,9 @@ def load_pruned(directory: str | os.PathLike, map_location: str = "cpu") -> nn.M
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from nas_headprune.build import build_space
     from nas_headprune.evaluator.materialize import materialize
     from nas_headprune.models.factory import create_model, example_inputs_for
+    from nas_headprune.space.build import build_space
 
     record = read_record(directory)
     base = record["base"]

@@ -235,6 +235,8 @@ class Strategy(ABC, Generic[ConfigT]):
     budget_kinds: ClassVar[tuple[str, ...]] = ("macs",)
     #: whether the strategy can search spaces whose layers may drop whole heads (``space.prune_heads``)
     head_pruning: ClassVar[bool] = False
+    #: the boolean option of ``Config`` without which it does not (None: ``head_pruning`` alone decides)
+    head_pruning_option: ClassVar[str | None] = None
     #: whether ``search`` calls ``ctx.step_done`` after every step (a search that runs in steps)
     reports_steps: ClassVar[bool] = False
 
@@ -250,6 +252,11 @@ class Strategy(ABC, Generic[ConfigT]):
     @abstractmethod
     def search(self, ctx: SearchContext) -> SearchResult:
         """Return a head-balanced selection of ``ctx.space`` costing at most ``ctx.target_macs``."""
+
+    def searches_heads(self) -> bool:
+        """Whether this strategy, with its config, searches whole heads (``space.prune_heads``)."""
+        option = type(self).head_pruning_option
+        return type(self).head_pruning and (option is None or bool(getattr(self.config, option)))
 
     def planned_weight_steps(self) -> int:
         """How many optimizer steps on the model's weights :meth:`search` will take with this config

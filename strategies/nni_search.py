@@ -1,10 +1,10 @@
 """``evolution`` and ``nni_random``: multi-trial architecture search driven by NNI 3.0's engine.
 
-The search space is the run's head-balanced space exported to NNI (:func:`~nas_headprune.nni_space.
-to_nni`): one categorical per dimension label, and the MACs budget as an NNI constraint, so NNI's
-samplers reject over-budget candidates themselves (they are never evaluated nor returned). By
-default the categoricals' sampling weights are tilted so that random draws centre on the budget
-(``prior: budget``); ``prior: uniform`` keeps NNI's uniform draws.
+The search space is the run's head-balanced space exported to NNI
+(:func:`~nas_headprune.strategies.nni_space.to_nni`): one categorical per dimension label, and the
+MACs budget as an NNI constraint, so NNI's samplers reject over-budget candidates themselves (they
+are never evaluated nor returned). By default the categoricals' sampling weights are tilted so that
+random draws centre on the budget (``prior: budget``); ``prior: uniform`` keeps NNI's uniform draws.
 
 NNI's own strategy (``nni.nas.strategy.RegularizedEvolution`` or ``nni.nas.strategy.Random``) runs
 in this process on NNI's ``SequentialExecutionEngine``, over an ``nni.nas.space.RawFormatModelSpace``
@@ -121,7 +121,7 @@ class _NniSearch(Strategy[NniConfigT]):
 
     def __init__(self, config: StrategyConfig | dict[str, Any] | None = None) -> None:
         super().__init__(config)
-        from nas_headprune.nni_space import require_nni
+        from nas_headprune.strategies.nni_space import require_nni
 
         require_nni(nas=True)
         cfg = self.config
@@ -136,8 +136,8 @@ class _NniSearch(Strategy[NniConfigT]):
         from nas_headprune.evaluator.cost import analytic_cost
         from nas_headprune.evaluator.materialize import materialize
         from nas_headprune.evaluator.reweight import reweight
-        from nas_headprune.nni_space import budget_constraint, from_nni, require_nni, to_nni
         from nas_headprune.progress import stderr_progress
+        from nas_headprune.strategies.nni_space import budget_constraint, from_nni, require_nni, to_nni
 
         cfg = self.config
         nni = require_nni(nas=True)

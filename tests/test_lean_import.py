@@ -27,7 +27,7 @@ def test_import_is_cheap() -> None:
 def test_lazy_attribute_resolves() -> None:
     code = "import nas_headprune as n; print(n.save_pruned.__module__, n.build_space.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["nas_headprune.io", "nas_headprune.build"]
+    assert out.stdout.split() == ["nas_headprune.io", "nas_headprune.space.build"]
 
 
 def test_registry_and_nni_strategy_modules_do_not_import_nni() -> None:
@@ -37,7 +37,7 @@ def test_registry_and_nni_strategy_modules_do_not_import_nni() -> None:
         "from nas_headprune.registry import STRATEGY_GROUP, list_plugins, strategy_class\n"
         "names = [p.name for p in list_plugins(STRATEGY_GROUP)]\n"
         "classes = [strategy_class(n).__name__ for n in ('evolution', 'nni_random')]\n"
-        "import nas_headprune.nni_space\n"
+        "import nas_headprune.strategies.nni_space\n"
         "mods = [m for m in sys.modules if m.split('.')[0] in ('nni', 'pytorch_lightning')]\n"
         "print(json.dumps({'names': names, 'classes': classes, 'mods': mods}))\n"
     )

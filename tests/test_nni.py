@@ -11,7 +11,9 @@ from zoo import MODEL_ZOO, make_model
 from nas_headprune.allocate import BudgetError
 from nas_headprune.errors import ArchitectureError, ConfigError, UsageError
 from nas_headprune.evaluator.cost import analytic_cost
-from nas_headprune.nni_space import (
+from nas_headprune.registry import make_strategy
+from nas_headprune.space import Architecture, build_space
+from nas_headprune.strategies.nni_space import (
     BUDGET_LABEL,
     INSTALL_COMMAND,
     MissingDependencyError,
@@ -21,8 +23,6 @@ from nas_headprune.nni_space import (
     require_nni,
     to_nni,
 )
-from nas_headprune.registry import make_strategy
-from nas_headprune.space import Architecture, build_space
 from nas_headprune.strategy import validate_result
 from nas_headprune.testing import run_conformance, tiny_context
 
@@ -289,7 +289,7 @@ def test_missing_nni_on_the_command_line_exits_2(tmp_path) -> None:
 def test_missing_pytorch_lightning_is_named() -> None:
     code = (
         "import sys; sys.modules['pytorch_lightning'] = None\n"
-        "from nas_headprune.nni_space import require_nni\n"
+        "from nas_headprune.strategies.nni_space import require_nni\n"
         "require_nni()\n"  # nni.mutable alone does not need it
         "require_nni(nas=True)\n"
     )

@@ -113,8 +113,8 @@ def test_the_project_imports_one_way() -> None:
     for edge in [
         ("nas_headprune.strategy", "nas_headprune.allocate"),
         ("nas_headprune.allocate", "nas_headprune.space"),
-        ("nas_headprune.build", "nas_headprune.registry"),
-        ("nas_headprune.runner", "nas_headprune.build"),
+        ("nas_headprune.space.build", "nas_headprune.registry"),
+        ("nas_headprune.pipeline.search", "nas_headprune.space.build"),
         (
             "nas_headprune.strategies.similarity_indicator.search",
             "nas_headprune.strategies.similarity_indicator.masks",

@@ -14,7 +14,7 @@ left behind; each module's training flag is restored afterwards.
 :func:`trace_forward` runs the same count once more finely: per module path, and with every product
 of two *activations* (tensors computed from the input, as in attention's ``q @ k^T`` and
 ``attn @ v``, as opposed to an activation times a weight) attributed to the module whose own
-forward performs it. :func:`~nas_headprune.build.build_space` uses it to charge the fixed part of
+forward performs it. :func:`~nas_headprune.space.build.build_space` uses it to charge the fixed part of
 the model and to find attention that no space adapter knows.
 """
 

@@ -50,13 +50,14 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from nas_headprune.config import ReweightConfig
 from nas_headprune.errors import ArchitectureError, UsageError
+from nas_headprune.evaluator.activations import capture_activation, module_outputs
 from nas_headprune.evaluator.metrics import batch_inputs
 from nas_headprune.space import HeadSpace
 
@@ -212,32 +213,6 @@ def reweight(
 
 
 # ------------------------------------------------------------------------------------- lstsq
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass once the wanted activation is captured."""
-
-
-def _capture(model: nn.Module, module_name: str, images: Tensor, want: Literal["input", "output"]) -> Tensor:
-    """The input or output of ``module_name`` on ``images``, flattened to ``(tokens, channels)``;
-    the forward pass stops right after it."""
-    store: dict[str, Tensor] = {}
-
-    def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
-        t = args[0] if want == "input" else out
-        store["t"] = t.detach().reshape(-1, t.shape[-1])  # (B*N or nW*B*M, channels)
-        raise _Stop
-
-    handle = model.get_submodule(module_name).register_forward_hook(hook)
-    try:
-        model(images)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "t" not in store:
-        raise ArchitectureError(f"{module_name} was not called in the forward pass")
-    return store["t"]
-
-
 def _fit_lstsq(
     dense: nn.Module,
     pruned: nn.Module,
@@ -263,8 +238,8 @@ def _fit_lstsq(
         with torch.no_grad():
             for batch in batches:
                 images = batch_inputs(batch).to(device)
-                y = _capture(dense, cons, images, "output")  # (T, C_out)
-                x = _capture(pruned, cons, images, "input")  # (T, k)
+                y = capture_activation(dense, cons, images, "output")  # (T, C_out)
+                x = capture_activation(pruned, cons, images, "input")  # (T, k)
                 if x.shape[0] != y.shape[0]:
                     raise ArchitectureError(
                         f"{cons}: dense and pruned models see {y.shape[0]} and {x.shape[0]} tokens"
@@ -345,9 +320,9 @@ def _fit_scales(
         for step in range(cfg.scale_steps):
             images = batch_inputs(batches[step % len(batches)]).to(device)
             with torch.no_grad():
-                targets = _outputs(dense, names, images)
+                targets = module_outputs(dense, names, images)
             with torch.enable_grad():
-                outs = _outputs(pruned, names, images)
+                outs = module_outputs(pruned, names, images)
                 loss = torch.stack(
                     [
                         ((outs[n] - targets[n]) ** 2).sum() / (targets[n] ** 2).sum().clamp_min(1e-12)
@@ -382,27 +357,6 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _outputs(model: nn.Module, names: Mapping[str, str], images: Tensor) -> dict[str, Tensor]:
-    """Every consumer's output on ``images`` (kept in the graph when grad is enabled)."""
-    outs: dict[str, Tensor] = {}
-    handles = []
-    for name, cons in names.items():
-
-        def hook(mod: nn.Module, args: tuple, out: Tensor, name: str = name) -> None:
-            outs[name] = out
-
-        handles.append(model.get_submodule(cons).register_forward_hook(hook))
-    try:
-        model(images)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in names if n not in outs]
-    if missing:
-        raise ArchitectureError(f"{names[missing[0]]} was not called in the forward pass")
-    return outs
-
-
 def _error_sums(
     dense: nn.Module,
     pruned: nn.Module,
@@ -414,8 +368,8 @@ def _error_sums(
     sums = {name: [0.0, 0.0] for name in names}
     for batch in batches:
         images = batch_inputs(batch).to(device)
-        ref = _outputs(dense, names, images)
-        out = _outputs(pruned, names, images)
+        ref = module_outputs(dense, names, images)
+        out = module_outputs(pruned, names, images)
         for name in names:
             y, y_hat = ref[name].double(), out[name].double()
             if y.shape != y_hat.shape:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from nas_headprune.checkpoint import load_checkpoint
 from nas_headprune.errors import (
     CheckpointError,
     StrategyError,
@@ -307,12 +308,11 @@ def _same_state_on_every_rank(
 def _read_state(path: Path, device: torch.device) -> dict[str, Any]:
     """The search checkpoint at ``path`` as a dict; a file torch cannot load, or that holds no
     dict, is a :class:`CheckpointError` saying how to start over."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch.load raises many types for a damaged file; all mean the same here
-        raise CheckpointError(
-            f"{path}: cannot read the search checkpoint ({type(exc).__name__}: {exc}); delete it to start over"
-        ) from exc
+    state = load_checkpoint(
+        path,
+        device,
+        unreadable="{path}: cannot read the search checkpoint ({error}); delete it to start over",
+    )
     if not isinstance(state, dict):
         raise CheckpointError(
             f"{path}: not a similarity_indicator search checkpoint (it holds a {type(state).__name__}, "

@@ -10,7 +10,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from nas_headprune.errors import ArchitectureError, UnsupportedLayerError
-from nas_headprune.space import HeadSpace, LayerSpace, SpaceAdapter
+from nas_headprune.space.adapter import SpaceAdapter
+from nas_headprune.space.headspace import HeadSpace
+from nas_headprune.space.types import LayerSpace
 
 if TYPE_CHECKING:
     from torch import nn
