@@ -155,9 +155,8 @@ def head_scores(space: HeadSpace, scores: Mapping[str, torch.Tensor]) -> dict[st
         if d is None or d.label in out:
             continue
         total = torch.zeros(d.max_width, dtype=torch.float64)
-        for kind, cd in layer.dims.items():
-            if kind != HEADS and cd.heads == d.max_width:
-                total += _normalised(cd, scores[cd.label]).sum(dim=1)
+        for cd in layer.head_channel_dims():
+            total += _normalised(cd, scores[cd.label]).sum(dim=1)
         out[d.label] = total
     return out
 
@@ -217,9 +216,7 @@ def global_by_score_per_mac(
             assert order is not None
             gone = order[new_w]
             lost = sum(
-                float(ranked[dd.label][gone, : widths[dd.label]].sum())
-                for dd in layer.dims.values()
-                if dd.kind != HEADS and dd.heads == d.max_width
+                float(ranked[dd.label][gone, : widths[dd.label]].sum()) for dd in layer.head_channel_dims()
             )
         else:  # only the kept heads' channels count
             rows = order[: cur[HEADS]] if order is not None else slice(None)

@@ -115,7 +115,10 @@ class HeadSpace:
         return HeadSpace(layers, self.input_size, self.fixed_macs, self.fixed_params, self.skipped)
 
     def without_heads(self) -> HeadSpace:
-        """A copy without ``heads`` dimensions (channel widths only)."""
+        """A copy without ``heads`` dimensions (channel widths only); the space itself when it has
+        none."""
+        if not self.has_heads:
+            return self
         layers = {
             name: LayerSpace(
                 layer.label,

@@ -143,6 +143,14 @@ class LayerSpace:
     def params(self, widths: Mapping[str, Any]) -> Any:
         return self.adapter.params(self, widths)
 
+    def head_channel_dims(self) -> list[DimSpec]:
+        """The channel dimensions whose rows are the heads this layer's ``heads`` dimension counts
+        (``qk`` and ``v``); empty when the layer has no ``heads`` dimension."""
+        heads = self.dims.get(HEADS)
+        if heads is None:
+            return []
+        return [d for k, d in self.dims.items() if k != HEADS and d.heads == heads.max_width]
+
 
 class Architecture(Mapping[str, int]):
     """An immutable flat mapping ``{dimension label: width}``; compares and hashes by value."""

@@ -200,8 +200,7 @@ def _taylor_init(space: HeadSpace, ctx: SearchContext, cfg: SimilarityIndicatorC
     from nas_headprune.strategies.taylor import Taylor
 
     calib = ctx.calib[: cfg.calib_batches_for_similarity]
-    channels = space.without_heads() if space.has_heads else space
-    scores = Taylor().score(dataclasses.replace(ctx, space=channels, calib=calib))
+    scores = Taylor().score(dataclasses.replace(ctx, space=space.without_heads(), calib=calib))
     if space.has_heads:  # a head starts from the sum of its channels' scores, as the allocator ranks it
         scores = head_scores(space, scores)
     out: dict[str, Tensor] = {}

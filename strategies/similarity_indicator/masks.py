@@ -125,7 +125,7 @@ def fit_budget(
             saved = float(layer.macs(cur)) - float(layer.macs({**cur, d.kind: new_w}))
             lost = float(ranked[label][:, new_w:w].sum())
             if d.kind == HEADS:  # one head's score stands for all the channels the head keeps
-                lost *= sum(cur[k] for k, dd in layer.dims.items() if k != HEADS and dd.heads == d.max_width)
+                lost *= sum(cur[dd.kind] for dd in layer.head_channel_dims())
             key = lost / max(saved, _EPS)
             if best is None or key < best[0]:
                 best = (key, label, new_w, saved)

@@ -175,8 +175,10 @@ def setup_run(ctx: SearchContext, space: HeadSpace, cfg: SimilarityIndicatorConf
             similarity = {label: torch.ones(space.shape(label)) for label in space.dims}
         else:  # under torchrun: each rank reads its share, the Gram matrices are summed
             calib, reduce = _share(ctx, ctx.calib[: cfg.calib_batches_for_similarity], comm)
-            channels = space.without_heads() if space.has_heads else space  # heads: weight 1
-            grams, similarity_skipped = channel_grams(model, channels, calib, device, reduce=reduce)
+            # head counts get no Gram matrices: their weight is 1
+            grams, similarity_skipped = channel_grams(
+                model, space.without_heads(), calib, device, reduce=reduce
+            )
             similarity = weights_from_grams(space, grams, cfg.similarity)
         start = {label: torch.ones(space.shape(label)) for label in space.dims}
         if cfg.init_other != "uniform":

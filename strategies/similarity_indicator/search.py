@@ -86,7 +86,7 @@ class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
     def search(self, ctx: SearchContext) -> SearchResult:
         """Search on a copy of ``ctx.model``; resumes from ``ctx.work_dir`` when it holds this search."""
         cfg = self.config
-        if ctx.space.has_heads and not cfg.head_indicator:
+        if ctx.space.has_heads and not self.searches_heads():
             raise ConfigError(
                 "similarity_indicator searches whole heads (space.prune_heads: true) only with its head "
                 "indicator: set strategy_options.head_indicator: true, or space.prune_heads: false"
