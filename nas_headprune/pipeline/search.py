@@ -3,8 +3,6 @@ search back from the run folder."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -12,6 +10,7 @@ from typing import Any
 
 import torch
 
+from nas_headprune.checkpoint import fingerprint
 from nas_headprune.errors import CheckpointError, StrategyError
 from nas_headprune.pipeline.latency import run_latency_table
 from nas_headprune.pipeline.state import RunState
@@ -126,7 +125,7 @@ def _same_on_every_rank(strategy: str, selection: Any) -> None:
     """Every rank must prune the same channels: compare the selections' hashes across ranks."""
     import torch.distributed as dist
 
-    digest = hashlib.sha256(json.dumps(selection.to_lists(), sort_keys=True).encode()).hexdigest()
+    digest = fingerprint(selection.to_lists())
     digests: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest)
     if len(set(digests)) > 1:
