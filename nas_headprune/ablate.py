@@ -17,7 +17,6 @@ from nas_headprune.ablation.spec import (
     preset_names,
 )
 from nas_headprune.ablation.sweep import AblationOutcome, open_store, run_ablation
-from nas_headprune.ablation.sweep import progress_bar as _progress_bar  # noqa: F401  (launchers)
 from nas_headprune.ablation.trials import (
     BASE_VARIANT,
     Trial,

@@ -36,12 +36,12 @@ from nas_headprune.ablate import (
     AblationSpec,
     LauncherConfig,
     Trial,
-    _progress_bar,
     expand,
     open_store,
     run_ablation,
     validate_trials,
 )
+from nas_headprune.ablation.sweep import progress_bar
 from nas_headprune.errors import ConfigError, LaunchError, NasHeadpruneError, UsageError
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ def wait_for(sub: Submission, *, progress: bool = True, poll_s: float = 2.0) -> 
     A KeyboardInterrupt stops the waiting, never the jobs."""
     outcome = LaunchOutcome()
     pending = list(sub.jobs)
-    with _progress_bar(progress, sub.total, sub.skipped) as advance:
+    with progress_bar(progress, sub.total, sub.skipped) as advance:
         while pending:
             running = []
             for tj in pending:
