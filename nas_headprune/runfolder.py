@@ -21,7 +21,6 @@ import errno
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -30,6 +29,7 @@ from typing import Any
 
 from nas_headprune.atomic import atomic_write_json
 from nas_headprune.errors import CheckpointError, RunFolderError, UsageError
+from nas_headprune.jsonlog import JsonLines, finite_json  # noqa: F401  (their earlier import path)
 
 log = logging.getLogger(__name__)
 
@@ -83,48 +83,6 @@ def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             lines.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
     return lines
-
-
-def finite_json(value: Any, where: str = "") -> tuple[Any, list[str]]:
-    """``value`` with every NaN or infinity replaced by ``None``, and the dotted places replaced.
-
-    JSON has no NaN or infinity; a record that holds them is not JSON that other tools can read.
-    """
-    if isinstance(value, float) and not math.isfinite(value):
-        return None, [where or "<root>"]
-    if isinstance(value, Mapping):
-        out, bad = {}, []
-        for key, item in value.items():
-            out[key], sub = finite_json(item, f"{where}.{key}" if where else str(key))
-            bad += sub
-        return out, bad
-    if isinstance(value, (list, tuple)):
-        items, bad = [], []
-        for i, item in enumerate(value):
-            clean, sub = finite_json(item, f"{where}[{i}]")
-            items.append(clean)
-            bad += sub
-        return items, bad
-    return value, []
-
-
-class JsonLines:
-    """Appends one JSON object per line to ``path``, flushed at once (``metrics.jsonl`` of a run, of a
-    fine-tune); NaN and infinity are written as ``null``. A no-op when ``path`` is None or the
-    writer is not ``enabled`` (every rank but the first under torchrun)."""
-
-    def __init__(self, path: str | os.PathLike[str] | None, enabled: bool = True) -> None:
-        self.path = Path(path) if path is not None and enabled else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        clean, _ = finite_json(record)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(clean) + "\n")
-            fh.flush()
 
 
 def read_json(path: Path, what: str) -> Any:

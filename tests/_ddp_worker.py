@@ -30,7 +30,6 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 def main(out_dir: Path) -> None:
     import timm
-    from sklearn.datasets import load_digits
     from torch.utils.data import DataLoader, TensorDataset
     from torch.utils.data.distributed import DistributedSampler
 
@@ -40,13 +39,14 @@ def main(out_dir: Path) -> None:
         finetune,
         init_distributed_from_env,
     )
+    from nas_headprune.datasets.digits import read_digits
     from nas_headprune.evaluator.metrics import evaluate
 
     rank, world_size, device = init_distributed_from_env()
     try:
-        digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-        labels = torch.tensor(digits.target)
+        pixels, targets = read_digits()
+        images = torch.tensor(pixels, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+        labels = torch.tensor(targets)
         train = TensorDataset(images[:512], labels[:512])
         held_out = TensorDataset(images[1500:1700], labels[1500:1700])  # 200 samples: even shards, no padding
         train_loader = DataLoader(

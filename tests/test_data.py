@@ -238,6 +238,23 @@ def test_digits_sizes_and_fixed_split() -> None:
     assert ours_keys == full_keys
 
 
+def test_digits_are_read_as_scikit_learn_reads_them_without_importing_it(monkeypatch) -> None:
+    import sys
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from nas_headprune.datasets.digits import read_digits
+
+    full = load_digits()
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")]:
+        monkeypatch.delitem(sys.modules, name)  # put back after the test
+    images, labels = read_digits()
+    assert "sklearn" not in sys.modules  # reading the file imported no scikit-learn
+    assert images.dtype == full.images.dtype and np.array_equal(images, full.images)
+    assert np.array_equal(labels, full.target)
+
+
 def _shared_rows(a: torch.Tensor, b: torch.Tensor) -> int:
     rows_a = {tuple(r.tolist()) for r in a}
     return len({tuple(r.tolist()) for r in b} & rows_a)

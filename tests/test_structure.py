@@ -123,3 +123,22 @@ def test_the_project_imports_one_way() -> None:
         assert graph.has_edge(*edge), edge
     cycles = [" -> ".join(c) for c in nx.simple_cycles(graph)]
     assert cycles == []
+
+
+def test_the_evaluator_imports_nothing_of_the_pipeline_layer() -> None:
+    """The evaluator (surgery, reweight, fine-tune, metrics) sits below the pipeline: it never imports
+    the run folder, the stages or the data loaders."""
+    graph = _import_graph()
+    above = (
+        "nas_headprune.pipeline",
+        "nas_headprune.runfolder",
+        "nas_headprune.runner",
+        "nas_headprune.data",
+    )
+    upward = [
+        f"{a} -> {b}"
+        for a, b in graph.edges
+        if a.startswith("nas_headprune.evaluator") and b.startswith(above)
+    ]
+    assert graph.has_edge("nas_headprune.evaluator.finetune_epoch", "nas_headprune.jsonlog")
+    assert upward == []

@@ -1,7 +1,17 @@
 """scikit-learn's 1,797 handwritten digits of 8x8, split by a fixed permutation into 1,437 training
-and 360 test images. Always available, small enough for unit tests."""
+and 360 test images. Always available, small enough for unit tests.
+
+The images are read from the data file scikit-learn installs (``sklearn/datasets/data/digits.csv.gz``:
+64 pixel values and the label per row), the same values ``sklearn.datasets.load_digits`` returns,
+without importing scikit-learn, whose import costs seconds in every process that only wants the
+digits.
+"""
 
 from __future__ import annotations
+
+import gzip
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 from torch.utils.data import TensorDataset
@@ -15,13 +25,24 @@ DIGITS_STD = 0.3760
 DIGITS_CLASSES: tuple[str, ...] = tuple(str(i) for i in range(10))
 
 
+def digits_file() -> Path:
+    """Where scikit-learn keeps the digits (found without importing the package)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the digits data set comes with scikit-learn: pip install scikit-learn")
+    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+
+
+def read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 images, ``(1797, 8, 8)`` float64 with values 0..16, and their labels ``(1797,)``."""
+    with gzip.open(digits_file(), "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
 def load_digits() -> tuple[TensorDataset, TensorDataset]:
     """The fixed training and test splits, normalised."""
-    from sklearn.datasets import load_digits as sklearn_load_digits
-
-    digits = sklearn_load_digits()
-    images = np.asarray(digits.images)  # (1797, 8, 8), values 0..16
-    labels = np.asarray(digits.target)  # (1797,)
+    images, labels = read_digits()
     order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(labels))
     train_idx, test_idx = order[:DIGITS_TRAIN_SIZE], order[DIGITS_TRAIN_SIZE:]
     train = to_tensors(images[train_idx], labels[train_idx], DIGITS_MEAN, DIGITS_STD, 16.0)

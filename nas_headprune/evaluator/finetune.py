@@ -58,7 +58,7 @@ from nas_headprune.evaluator.finetune_epoch import EpochSetup, train_epoch
 from nas_headprune.evaluator.losses import distillation_loss, kl_to_teacher
 from nas_headprune.evaluator.metrics import amp_dtype, evaluate, is_distributed, resolve_device
 from nas_headprune.evaluator.optim import lr_factor, param_groups
-from nas_headprune.runfolder import JsonLines
+from nas_headprune.jsonlog import JsonLines
 
 __all__ = [
     "CHECKPOINT_NAME",

@@ -20,7 +20,7 @@ from nas_headprune.config import FinetuneConfig
 from nas_headprune.errors import NonFiniteLossError, UsageError
 from nas_headprune.evaluator.losses import distillation_loss
 from nas_headprune.evaluator.metrics import is_distributed, split_batch
-from nas_headprune.runfolder import JsonLines
+from nas_headprune.jsonlog import JsonLines
 
 __all__ = ["EpochSetup", "train_epoch"]
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
+from nas_headprune.jsonlog import finite_json
 from nas_headprune.pipeline.latency import latency_check
 from nas_headprune.pipeline.loading import versions
 from nas_headprune.pipeline.search import Searched
 from nas_headprune.pipeline.state import RunState
-from nas_headprune.runfolder import finite_json
 
 log = logging.getLogger(__name__)
 

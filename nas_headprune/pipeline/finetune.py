@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from nas_headprune.errors import CheckpointError
+from nas_headprune.jsonlog import finite_json
 from nas_headprune.pipeline.state import RunState
-from nas_headprune.runfolder import finite_json, read_json
+from nas_headprune.runfolder import read_json
 
 
 def stage_finetune(

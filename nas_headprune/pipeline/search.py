@@ -12,9 +12,10 @@ import torch
 
 from nas_headprune.checkpoint import fingerprint
 from nas_headprune.errors import CheckpointError, StrategyError
+from nas_headprune.jsonlog import finite_json
 from nas_headprune.pipeline.latency import run_latency_table
 from nas_headprune.pipeline.state import RunState
-from nas_headprune.runfolder import finite_json, read_json, read_tensors
+from nas_headprune.runfolder import read_json, read_tensors
 
 log = logging.getLogger(__name__)
 

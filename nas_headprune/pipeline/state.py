@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from nas_headprune.config import DataConfig, RunConfig
-from nas_headprune.runfolder import JsonLines, RunFolder
+from nas_headprune.jsonlog import JsonLines
+from nas_headprune.runfolder import RunFolder
 
 
 class MetricsLog:
