@@ -33,13 +33,13 @@ def main(out_dir: Path) -> None:
     from torch.utils.data import DataLoader, TensorDataset
     from torch.utils.data.distributed import DistributedSampler
 
+    from nas_headprune.datasets.digits import read_digits
     from nas_headprune.evaluator.finetune import (
         FinetuneConfig,
         cleanup_distributed,
         finetune,
         init_distributed_from_env,
     )
-    from nas_headprune.datasets.digits import read_digits
     from nas_headprune.evaluator.metrics import evaluate
 
     rank, world_size, device = init_distributed_from_env()
