@@ -117,6 +117,15 @@ def uniform(space: HeadSpace, target: float, tie_qk_v: bool = False, cost: CostM
         return Architecture(widths)
 
     lo, hi = 0.0, 1.0
+    floor = cost.total(space, at(lo))
+    if floor > target:  # with head counts or droppable layers: the uniform ratio keeps every head
+        dense = cost.dense(space)
+        raise BudgetError(
+            f"budget of {target:.4g} {cost.unit} ({target / dense:.3f} of dense) cannot be met by the "
+            f"uniform allocation, which keeps every head and sublayer (its smallest architecture costs "
+            f"{floor:.4g} {cost.unit}, {floor / dense:.3f} of dense); allocation: global may drop "
+            "whole heads and sublayers"
+        )
     if cost.total(space, at(hi)) <= target:
         return at(hi)
     for _ in range(40):
@@ -183,6 +192,10 @@ def global_by_score_per_mac(
     """Greedy: repeatedly narrow the dimension whose next step loses the least score per unit of
     cost saved (MACs by default, milliseconds with a latency table).
 
+    In a space with droppable layers (:meth:`HeadSpace.with_drops`) a head count may step 1 -> 0
+    and an MLP width its minimum -> 0: the step loses the scores of everything the layer still keeps
+    and saves the layer's remaining cost; a dropped layer takes no further steps.
+
     With ``tie_qk_v`` a layer's ``qk`` and ``v`` dimensions are one unit (:func:`tied_groups`): a
     step narrows both, losing the scores of both and saving the cost of both. A step that saves
     nothing (a measured latency can be flat in width) is taken last.
@@ -209,6 +222,8 @@ def global_by_score_per_mac(
         new_w = allowed[-1]
         layer = space.layers[layer_of[key]]
         cur = {**{k: widths[dd.label] for k, dd in layer.dims.items()}}
+        if layer.dropped(cur):  # a layer dropped whole has nothing left to narrow
+            return None
         after = {**cur, **{split_label(label)[1]: new_w for label in group}}
         saved = cost.layer(space, layer_of[key], cur) - cost.layer(space, layer_of[key], after)
         order = head_order.get(layer_of[key])

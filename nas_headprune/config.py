@@ -181,6 +181,21 @@ class SpaceConfig(Section):
         description="let attention layers also drop whole heads (a head count per layer next to the "
         "per-head widths; adapters that support it, scoring strategies)",
     )
+    drop_sublayers: bool = Field(
+        False,
+        description="let whole sublayers go: an attention layer may keep 0 heads and an MLP 0 hidden "
+        "units (the sublayer becomes its constant output, its norm is removed); needs prune_heads: "
+        "true; adapters that support it, scoring strategies (allocation: global drops, uniform never does)",
+    )
+
+    @model_validator(mode="after")
+    def _drops_need_head_counts(self) -> SpaceConfig:
+        if self.drop_sublayers and not self.prune_heads:
+            raise ValueError(
+                "drop_sublayers=true needs prune_heads=true (an attention layer is dropped by keeping "
+                "0 of its heads); set space.prune_heads=true as well, or drop_sublayers=false"
+            )
+        return self
 
 
 class LatencyConfig(Section):

@@ -156,6 +156,13 @@ def load_pruned(directory: str | os.PathLike, map_location: str = "cpu") -> nn.M
         ) from exc
     if any(str(label).endswith(":heads") for label in record["architecture"]):
         space = space.with_heads()  # saved from a search that could drop whole heads
+    if any(width == 0 for width in record["architecture"].values()):
+        try:  # saved with sublayers dropped whole (space.drop_sublayers)
+            space = space.with_drops(model)
+        except ArchitectureError as exc:
+            raise CheckpointError(
+                f"architecture in {Path(directory) / ARCH_FILE} drops a layer whole that cannot be dropped: {exc}"
+            ) from exc
     try:
         selection = space.first_channels(record["architecture"])
     except ArchitectureError as exc:

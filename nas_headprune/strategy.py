@@ -237,6 +237,9 @@ class Strategy(ABC, Generic[ConfigT]):
     head_pruning: ClassVar[bool] = False
     #: the boolean option of ``Config`` without which it does not (None: ``head_pruning`` alone decides)
     head_pruning_option: ClassVar[str | None] = None
+    #: whether the strategy can search spaces whose layers may be dropped whole
+    #: (``space.drop_sublayers``; :meth:`drops_sublayers` adds the config's say)
+    sublayer_drops: ClassVar[bool] = False
     #: whether ``search`` calls ``ctx.step_done`` after every step (a search that runs in steps)
     reports_steps: ClassVar[bool] = False
 
@@ -258,6 +261,11 @@ class Strategy(ABC, Generic[ConfigT]):
         option = type(self).head_pruning_option
         return type(self).head_pruning and (option is None or bool(getattr(self.config, option)))
 
+    def drops_sublayers(self) -> bool:
+        """Whether this strategy, with its config, can drop whole sublayers (``space.drop_sublayers``):
+        it must search whole heads too, an attention layer being dropped by keeping 0 heads."""
+        return type(self).sublayer_drops and self.searches_heads()
+
     def planned_weight_steps(self) -> int:
         """How many optimizer steps on the model's weights :meth:`search` will take with this config
         (the ``weight_steps`` of its result). The ablation runner's ``equal_steps`` gives the rest of
@@ -271,6 +279,7 @@ class ScoringStrategy(Strategy[ScoringConfigT]):
     Config: ClassVar[type[StrategyConfig]] = ScoringConfig
     budget_kinds: ClassVar[tuple[str, ...]] = ("macs", "latency")
     head_pruning: ClassVar[bool] = True
+    sublayer_drops: ClassVar[bool] = True
 
     @abstractmethod
     def score(self, ctx: SearchContext) -> dict[str, torch.Tensor]:

@@ -10,10 +10,12 @@ import torch
 from einops import rearrange
 from timm.layers import Mlp
 from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from nas_headprune.evaluator.cost import mlp_macs
 from nas_headprune.space import DimSpec, LayerSpace, Slot, dim_label
+from nas_headprune.space.dropped import DroppedSublayer
 
 from ._fused_qkv import (
     FusedQkvAdapter,
@@ -26,6 +28,25 @@ from ._fused_qkv import (
     split_qkv,
 )
 from ._hidden_units import HiddenUnitsAdapter
+
+#: the norm whose output only a timm ``Block``'s sublayer reads, by the sublayer's attribute
+_BLOCK_NORMS = {"attn": "norm1", "mlp": "norm2"}
+
+
+def block_norm(modules: Mapping[str, nn.Module], label: str) -> str | None:
+    """``<block>.norm1`` for ``<block>.attn`` and ``<block>.norm2`` for ``<block>.mlp`` when the
+    parent runs timm ``Block``'s forward (``x + ls1(attn(norm1(x)))``, ``x + ls2(mlp(norm2(x)))``:
+    each norm's output feeds its sublayer only); ``None`` for any other parent."""
+    parent, _, attr = label.rpartition(".")
+    block = modules.get(parent) if parent else None
+    if (
+        block is None
+        or attr not in _BLOCK_NORMS
+        or getattr(type(block), "forward", None) is not Block.forward
+    ):
+        return None
+    norm = f"{parent}.{_BLOCK_NORMS[attr]}"
+    return norm if norm in modules else None
 
 
 class PrunedAttention(nn.Module):
@@ -94,6 +115,7 @@ class TimmAttentionAdapter(FusedQkvAdapter):
 
     name = "timm_attention"
     head_pruning = True
+    sublayer_drop = True
 
     def claims(self, module: nn.Module) -> bool:
         return type(module) in (Attention, PrunedAttention)
@@ -128,12 +150,22 @@ class TimmAttentionAdapter(FusedQkvAdapter):
         ).to(device=qkv.weight.device, dtype=qkv.weight.dtype)
         return install_sliced(new, module, params)
 
+    def build_dropped(self, module: nn.Module, layer: LayerSpace) -> nn.Module:
+        """0 heads: every value is masked, so the layer outputs ``proj_drop(proj.bias)``."""
+        proj = cast(nn.Linear, module.proj)
+        new = DroppedSublayer(proj.out_features, proj.bias, cast(nn.Dropout, module.proj_drop).p)
+        return new.to(device=proj.weight.device, dtype=proj.weight.dtype)
+
+    def drop_norm(self, modules: Mapping[str, nn.Module], label: str) -> str | None:
+        return block_norm(modules, label)
+
 
 class TimmMlpAdapter(HiddenUnitsAdapter):
     """timm ``Mlp`` (fc1 -> act -> fc2): the hidden units are prunable."""
 
     name = "timm_mlp"
     kind = "mlp"
+    sublayer_drop = True
 
     def claims(self, module: nn.Module) -> bool:
         return type(module) is Mlp
@@ -181,6 +213,17 @@ class TimmMlpAdapter(HiddenUnitsAdapter):
         new.fc1 = new_linear(params["fc1.weight"], params.get("fc1.bias"))
         new.fc2 = new_linear(params["fc2.weight"], fc2.bias)
         return new
+
+    def build_dropped(self, module: nn.Module, layer: LayerSpace) -> nn.Module:
+        """0 hidden units: the mask zeroes ``fc2``'s whole input (after the activation), so the layer
+        outputs ``drop2(fc2.bias)`` whatever the activation gives at 0."""
+        fc2 = cast(nn.Linear, module.fc2)
+        drop = module.drop2.p if isinstance(module.drop2, nn.Dropout) else 0.0
+        new = DroppedSublayer(fc2.out_features, fc2.bias, drop)
+        return new.to(device=fc2.weight.device, dtype=fc2.weight.dtype)
+
+    def drop_norm(self, modules: Mapping[str, nn.Module], label: str) -> str | None:
+        return block_norm(modules, label)
 
     def macs(self, layer: LayerSpace, widths: Mapping[str, Any]) -> Any:
         m = layer.meta

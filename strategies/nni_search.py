@@ -140,6 +140,11 @@ class _NniSearch(Strategy[NniConfigT]):
         from nas_headprune.strategies.nni_space import budget_constraint, from_nni, require_nni, to_nni
 
         cfg = self.config
+        if ctx.space.has_drops:
+            raise ConfigError(
+                f"{self.name} cannot drop whole sublayers (space.drop_sublayers: true); use a scoring "
+                "strategy, e.g. magnitude, taylor or random, or space.drop_sublayers: false"
+            )
         nni = require_nni(nas=True)
         from nni.nas.evaluator import FunctionalEvaluator
         from nni.nas.execution import SequentialExecutionEngine

@@ -9,6 +9,11 @@ size, device and thread count: warm-up calls, then the median of interleaved rou
 points the time is interpolated (multilinear), and each layer's grid is made non-decreasing in every
 width first, so narrowing never predicts a slow-down that timing noise made up.
 
+A layer that may be dropped whole (``space.drop_sublayers``) is timed with the norm only it reads
+(a timm block's ``norm1`` before ``attn``), at every grid point: its 0 heads / 0 units point is the
+constant module and the ``nn.Identity`` that replaces the norm, so the time a drop saves includes
+the norm's. Its grid holds 0 besides the usual widths.
+
 Layers timed alone run faster than inside the model (warm caches, no neighbours). Two whole models
 are timed too, the dense one and the smallest architecture, and the prediction is calibrated on them:
 ``predicted(arch) = fixed + scale * sum(layer times)``, exact at both ends. ``fixed`` is the part no
@@ -25,6 +30,7 @@ its names are importable from here too.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -41,7 +47,7 @@ from torch import nn
 from nas_headprune.errors import UsageError
 from nas_headprune.evaluator.latency_cost import TABLE_VERSION, LatencyTable, LayerLatency, interpolate
 from nas_headprune.evaluator.metrics import interleaved_medians
-from nas_headprune.space import Architecture, DimSpec, HeadSpace
+from nas_headprune.space import DROP_NORM, Architecture, DimSpec, HeadSpace
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +56,14 @@ _interpolate = interpolate
 
 
 def grid_widths(d: DimSpec, points: int) -> list[int]:
-    """``points`` allowed widths of ``d`` spread evenly over its allowed widths, both ends included."""
-    allowed = d.allowed()
+    """``points`` allowed widths of ``d`` spread evenly over its allowed widths, both ends included.
+    A dimension that allows 0 (a droppable layer) gets 0 on top of the ``points`` nonzero widths, so
+    the smallest width that keeps the layer is timed too."""
     if points < 2:
         raise UsageError(f"latency.points must be at least 2, got {points}")
+    if d.zero:
+        return [0, *grid_widths(dataclasses.replace(d, zero=False), points)]
+    allowed = d.allowed()
     if len(allowed) <= points:
         return allowed
     picks = {round(i * (len(allowed) - 1) / (points - 1)) for i in range(points)}
@@ -82,12 +92,18 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def _norms(space: HeadSpace) -> dict[str, str]:
+    """``{layer: the norm only it reads}`` for the layers that may be dropped whole with their norm."""
+    return {name: layer.meta[DROP_NORM] for name, layer in space.layers.items() if layer.meta.get(DROP_NORM)}
+
+
 def _layer_inputs(model: nn.Module, space: HeadSpace, example: torch.Tensor) -> dict[str, tuple[tuple, dict]]:
-    """The positional and keyword arguments each prunable layer gets in one forward of ``example``."""
+    """The positional and keyword arguments each prunable layer gets in one forward of ``example``,
+    and each norm of :func:`_norms` (under the norm's module path)."""
     captured: dict[str, tuple[tuple, dict]] = {}
     handles = []
     modules = dict(model.named_modules())
-    for name in space.layers:
+    for name in [*space.layers, *_norms(space).values()]:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
             if name not in captured:  # the first call (a module called twice keeps its first input)
@@ -100,7 +116,7 @@ def _layer_inputs(model: nn.Module, space: HeadSpace, example: torch.Tensor) -> 
     finally:
         for h in handles:
             h.remove()
-    missing = [name for name in space.layers if name not in captured]
+    missing = [name for name in [*space.layers, *_norms(space).values()] if name not in captured]
     if missing:
         raise UsageError(f"layer {missing[0]!r} was not called in a forward pass; it cannot be timed")
     return captured
@@ -157,6 +173,9 @@ def measure_table(
         sizes = [max(len(list(g.values())[i]) for g in grids.values() if len(g) > i) for i in range(depth)]
         combos = list(itertools.product(*(range(n) for n in sizes)))
         modules: dict[tuple[str, tuple[int, ...]], nn.Module] = {}
+        # a droppable layer is timed with the norm only it reads: dropping it removes both
+        norm_of = _norms(space)
+        norm_modules: dict[tuple[str, tuple[int, ...]], nn.Module] = {}
         with stderr_progress(enabled=progress, transient=True) as bar:
             task = bar.add_task("latency table: pruned copies", total=len(combos))
             for combo in combos:
@@ -177,6 +196,8 @@ def measure_table(
                     pruned = materialize(dense, space, space.first_channels(arch)).eval()
                     for name, index in timed:
                         modules[name, index] = pruned.get_submodule(name)
+                        if name in norm_of:  # nn.Identity where this grid point drops the layer
+                            norm_modules[name, index] = pruned.get_submodule(norm_of[name])
                 bar.advance(task)
         smallest = space.smallest()
         small_model = materialize(dense, space, space.first_channels(smallest)).to(dev).eval()
@@ -184,6 +205,11 @@ def measure_table(
         def call(key: tuple[str, tuple[int, ...]]) -> Callable[[], Any]:
             args, kwargs = inputs[key[0]]
             module = modules[key]
+            if key in norm_modules:  # the norm's output is the layer's first argument
+                norm = norm_modules[key]
+                norm_args, norm_kwargs = inputs[norm_of[key[0]]]
+                rest = args[1:]
+                return lambda: module(norm(*norm_args, **norm_kwargs), *rest, **kwargs)
             return lambda: module(*args, **kwargs)
 
         # short layers repeat within a sample (about 2 ms each), so timer resolution does not show
@@ -258,13 +284,19 @@ def default_cache_dir() -> Path:
 
 def table_key(model: nn.Module, space: HeadSpace, setting: Mapping[str, Any]) -> str:
     """A hash of what the table's times depend on: the model class, the space, the timing setting."""
-    shape = {
+    shape: dict[str, dict[str, Any]] = {
         name: {
             "family": layer.family,
-            "dims": {k: [d.heads, d.max_width, d.min_width, d.step] for k, d in layer.dims.items()},
+            # a dimension that allows 0 says so (absent otherwise, so older keys stay as they were)
+            "dims": {
+                k: [d.heads, d.max_width, d.min_width, d.step, *(["zero"] if d.zero else [])]
+                for k, d in layer.dims.items()
+            },
         }
         for name, layer in space.layers.items()
     }
+    for name, norm in _norms(space).items():  # timed with the layer: another table
+        shape[name]["norm"] = norm
     facts = {
         "version": TABLE_VERSION,
         "model": f"{type(model).__module__}.{type(model).__qualname__}",

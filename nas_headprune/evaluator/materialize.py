@@ -19,7 +19,7 @@ from torch import nn
 
 from nas_headprune.errors import ArchitectureError
 from nas_headprune.models.factory import BASE_ATTR
-from nas_headprune.space import HEADS, HeadSpace, Selection, slot_positions, split_label
+from nas_headprune.space import DROP_NORM, HEADS, HeadSpace, Selection, slot_positions, split_label
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,19 @@ def materialize(
 
     new = copy.deepcopy(model)
     paths: dict[str, dict[str, str]] = {}
+    dropped: list[str] = []
     for name, layer in space.layers.items():
         old = new.get_submodule(name)
         widths = arch.layer_widths(name)
+        if layer.dropped(widths):  # the whole sublayer goes: a constant, and the norm only it read
+            gone: nn.Module = layer.adapter.build_dropped(old, layer)
+            gone.train(old.training)
+            new.set_submodule(name, gone)
+            norm = layer.meta.get(DROP_NORM)
+            if norm:
+                new.set_submodule(norm, nn.Identity())
+            dropped.append(name)
+            continue
         layer_params = sliced[name]
         layer_scales = {}
         heads = kept_heads(space, selection, name)
@@ -168,7 +178,9 @@ def materialize(
             # per attention layer, the path its forward runs on each device type (chosen from the
             # widths by the adapter, so load_pruned derives the same paths from the architecture)
             "attention_paths": paths,
+            # layers dropped whole (space.drop_sublayers): constants, their norms nn.Identity
+            "dropped": dropped,
         },
     )
-    log.debug("materialised %d layers", len(space.layers))
+    log.debug("materialised %d layers (%d dropped whole)", len(space.layers), len(dropped))
     return new

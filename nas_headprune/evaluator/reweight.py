@@ -36,6 +36,11 @@ space's coupling, as the ``.weight`` slot sliced along axis 1). Three modes, cho
 ``"lstsq+scales"``
     ``"lstsq"`` first, then ``"scales"`` from the refitted weights.
 
+A layer dropped whole (``space.drop_sublayers``) has no consumer left: its constant output is set
+to the mean of the dense consumer's output over the calibration tokens in the ``"lstsq"`` modes
+(the same least-squares fit with only the bias column), before the other layers are refitted; the
+report compares the constant with the dense consumer's output.
+
 ``"none"``
     Leaves the model untouched (bit for bit) and reports the current errors.
 
@@ -60,6 +65,7 @@ from nas_headprune.errors import ArchitectureError, UsageError
 from nas_headprune.evaluator.activations import capture_activation, module_outputs
 from nas_headprune.evaluator.metrics import batch_inputs
 from nas_headprune.space import HeadSpace
+from nas_headprune.space.dropped import DroppedSublayer
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +163,14 @@ def layer_errors(
     batches: Sequence[Batch],
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Per layer, ``||Y - Y_hat|| / ||Y||`` over every token of ``batches``."""
+    """Per layer, ``||Y - Y_hat|| / ||Y||`` over every token of ``batches`` (for a layer the pruned
+    model dropped whole, ``Y_hat`` is its constant output)."""
     names = consumers(space)
-    _check_models(dense, pruned, names)
+    dropped = _dropped(pruned, names)
+    _check_models(dense, pruned, {n: c for n, c in names.items() if n not in dropped})
+    outputs = {name: name if name in dropped else cons for name, cons in names.items()}
     with _prepared(dense, device), _prepared(pruned, device), torch.no_grad():
-        return _relative(_error_sums(dense, pruned, names, batches, device))
+        return _relative(_error_sums(dense, pruned, names, batches, device, outputs))
 
 
 def reweight(
@@ -186,20 +195,25 @@ def reweight(
             "reweight modifies `pruned` in place: pass the materialised copy, not the dense model"
         )
     names = consumers(space)
-    _check_models(dense, pruned, names)
+    dropped = _dropped(pruned, names)
+    kept = {name: cons for name, cons in names.items() if name not in dropped}
+    _check_models(dense, pruned, kept)
+    # a dropped layer's output is the constant module's (compared with the dense consumer's output)
+    outputs = {name: name if name in dropped else cons for name, cons in names.items()}
     report = ReweightReport(mode=cfg.mode)
     with _prepared(dense, device), _prepared(pruned, device):
         with torch.no_grad():
-            before = _relative(_error_sums(dense, pruned, names, calib_batches, device))
+            before = _relative(_error_sums(dense, pruned, names, calib_batches, device, outputs))
         if cfg.mode in ("lstsq", "lstsq+scales"):
-            report.tokens = _fit_lstsq(dense, pruned, space, names, calib_batches, cfg, device)
-        if cfg.mode in ("scales", "lstsq+scales") and cfg.scale_steps > 0:
-            report.scales_kept = _fit_scales(dense, pruned, names, calib_batches, cfg, device)
+            _fit_constants(dense, pruned, {n: names[n] for n in dropped}, calib_batches, device)
+            report.tokens = _fit_lstsq(dense, pruned, space, kept, calib_batches, cfg, device)
+        if cfg.mode in ("scales", "lstsq+scales") and cfg.scale_steps > 0 and kept:
+            report.scales_kept = _fit_scales(dense, pruned, kept, calib_batches, cfg, device)
         if cfg.mode == "none":
             after = before
         else:
             with torch.no_grad():
-                after = _relative(_error_sums(dense, pruned, names, calib_batches, device))
+                after = _relative(_error_sums(dense, pruned, names, calib_batches, device, outputs))
     for name, cons in names.items():
         report.layers[name] = LayerReweight(cons, before[name], after[name])
     log.info(
@@ -213,6 +227,46 @@ def reweight(
 
 
 # ------------------------------------------------------------------------------------- lstsq
+def _dropped(pruned: nn.Module, names: Mapping[str, str]) -> set[str]:
+    """The layers of ``names`` that ``pruned`` dropped whole (a constant module in their place)."""
+    out = set()
+    for name in names:
+        try:
+            module = pruned.get_submodule(name)
+        except AttributeError:
+            continue  # _check_models names the missing module
+        if isinstance(module, DroppedSublayer):
+            out.add(name)
+    return out
+
+
+def _fit_constants(
+    dense: nn.Module,
+    pruned: nn.Module,
+    names: Mapping[str, str],
+    batches: Sequence[Batch],
+    device: str | torch.device,
+) -> None:
+    """Each dropped layer's constant set to the mean of the dense consumer's output over every
+    calibration token: the least-squares fit of ``[1] W = Y``, the bias-only case of the lstsq refit.
+    A constant without a bias parameter (zeros) stays as it is."""
+    for name, cons in names.items():
+        module = cast(DroppedSublayer, pruned.get_submodule(name))
+        if module.value is None:
+            continue
+        total: Tensor | None = None
+        count = 0
+        with torch.no_grad():
+            for batch in batches:
+                y = capture_activation(dense, cons, batch_inputs(batch).to(device), "output")  # (T, C)
+                part = y.double().sum(dim=0)
+                total = part if total is None else total + part
+                count += y.shape[0]
+            assert total is not None  # batches is not empty
+            module.value.copy_((total / count).to(module.value))
+        log.debug("%s: dropped layer's constant fitted on %d tokens", name, count)
+
+
 def _fit_lstsq(
     dense: nn.Module,
     pruned: nn.Module,
@@ -363,13 +417,15 @@ def _error_sums(
     names: Mapping[str, str],
     batches: Sequence[Batch],
     device: str | torch.device,
+    pruned_names: Mapping[str, str] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Per layer, ``(sum ||Y - Y_hat||^2, sum ||Y||^2)`` over every token of ``batches``."""
+    """Per layer, ``(sum ||Y - Y_hat||^2, sum ||Y||^2)`` over every token of ``batches``; ``Y_hat`` is
+    read from ``pruned_names`` (by default the same modules as ``names``)."""
     sums = {name: [0.0, 0.0] for name in names}
     for batch in batches:
         images = batch_inputs(batch).to(device)
         ref = module_outputs(dense, names, images)
-        out = module_outputs(pruned, names, images)
+        out = module_outputs(pruned, pruned_names or names, images)
         for name in names:
             y, y_hat = ref[name].double(), out[name].double()
             if y.shape != y_hat.shape:

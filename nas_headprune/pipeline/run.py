@@ -46,6 +46,12 @@ def run_search(cfg: RunConfig, out: str | Path, *, restart: bool = False) -> dic
     from nas_headprune.registry import make_strategy
 
     strategy = make_strategy(cfg.strategy, cfg.strategy_options)  # config errors before any work
+    if cfg.space.drop_sublayers and not strategy.drops_sublayers():
+        raise ConfigError(
+            f"strategy {cfg.strategy!r} cannot drop whole sublayers (space.drop_sublayers: true); "
+            "dropping sublayers needs a scoring strategy, e.g. magnitude, taylor or random; or set "
+            "space.drop_sublayers: false"
+        )
     if cfg.space.prune_heads and not strategy.searches_heads():
         option = type(strategy).head_pruning_option if type(strategy).head_pruning else None
         how = (
@@ -107,8 +113,10 @@ def _pipeline(run: RunState) -> dict[str, Any]:
         "budget": cfg.budget,
         "seed": cfg.seed,
         "model": run.resolved["model"],
-        # prune_heads enters only when on, so older run folders keep their fingerprints
-        "space": {k: v for k, v in run.resolved["space"].items() if k != "prune_heads" or v},
+        # prune_heads and drop_sublayers enter only when on, so older run folders keep their fingerprints
+        "space": {
+            k: v for k, v in run.resolved["space"].items() if k not in ("prune_heads", "drop_sublayers") or v
+        },
         "data": {k: v for k, v in run.resolved["data"].items() if k not in _EVAL_ONLY_DATA},
         "dense_sha256": run.dense_sha256,
     }

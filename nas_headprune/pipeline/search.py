@@ -45,6 +45,8 @@ def stage_search(run: RunState, done: bool) -> Searched:
     run.space = build_space(run.model, run.size, skip_unsupported=cfg.space.skip_unsupported)
     if cfg.space.prune_heads:
         run.space = run.space.with_heads()
+    if cfg.space.drop_sublayers:
+        run.space = run.space.with_drops(run.model)
     run.dense_macs = measure_macs(run.model, run.size)
     run.mlog.write(
         "start",

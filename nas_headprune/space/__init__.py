@@ -28,6 +28,8 @@ from nas_headprune.space.adapter import ChannelSink, SpaceAdapter
 from nas_headprune.space.headspace import HeadSpace, MaskHandle
 from nas_headprune.space.types import (
     ATTENTION_KINDS,
+    DROP_NORM,
+    DROP_NORM_PARAMS,
     HEADS,
     MLP_KINDS,
     QUERY_SCALE,
@@ -44,6 +46,8 @@ from nas_headprune.space.types import (
 
 __all__ = [
     "ATTENTION_KINDS",
+    "DROP_NORM",
+    "DROP_NORM_PARAMS",
     "HEADS",
     "MLP_KINDS",
     "QUERY_SCALE",

@@ -38,6 +38,8 @@ class SpaceAdapter(ABC):
       (a feature-map size passed as an argument), added to the layer's ``meta``;
     * :meth:`open_submodules`: submodules of a claimed module that other adapters may still claim
       (a feed-forward whose two linears sit beside the attention in one block);
+    * :attr:`sublayer_drop`, :meth:`build_dropped`, :meth:`drop_norm`: whether and how a layer is
+      dropped whole (``space.drop_sublayers``);
     * :meth:`fold_scales`: reweight scales folded into the sliced weights (raises
       :class:`ArchitectureError` for a kind that cannot be folded, the default for every kind);
     * a keyword argument ``kept`` of :meth:`build_pruned`: an adapter whose ``build_pruned``
@@ -62,6 +64,23 @@ class SpaceAdapter(ABC):
     #: parameters of the kept heads only, ``macs``/``params`` a ``heads`` width, and the masks a
     #: ``(1, H)`` 0/1 head mask under the ``heads`` label (a dropped head's values are zeroed).
     head_pruning: ClassVar[bool] = False
+    #: Whether a layer of this adapter may be dropped whole (:meth:`HeadSpace.with_drops`: an
+    #: attention layer's ``heads`` or an MLP's ``hidden`` dimension may be 0). The adapter then
+    #: implements :meth:`build_dropped` and may name a norm with :meth:`drop_norm`.
+    sublayer_drop: ClassVar[bool] = False
+
+    def build_dropped(self, module: nn.Module, layer: LayerSpace) -> nn.Module:
+        """The module that replaces a dropped layer: what the masked dense module outputs with every
+        unit masked (for a linear output projection, its bias), as a
+        :class:`~nas_headprune.space.dropped.DroppedSublayer`. Only for adapters with
+        :attr:`sublayer_drop`."""
+        raise NotImplementedError(f"adapter {self.name!r} cannot drop a layer whole")
+
+    def drop_norm(self, modules: Mapping[str, nn.Module], label: str) -> str | None:
+        """The module path of a norm whose output only the layer ``label`` reads (``modules``: the
+        model's ``named_modules()``), replaced by ``nn.Identity`` when the layer is dropped; ``None``
+        (the default) when there is none."""
+        return None
 
     def focused_features(
         self, module: nn.Module, *args: Any, **kwargs: Any

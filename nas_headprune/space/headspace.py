@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from nas_headprune.errors import ArchitectureError
 from nas_headprune.space.types import (
+    DROP_NORM,
+    DROP_NORM_PARAMS,
     HEADS,
     Architecture,
     DimSpec,
@@ -85,7 +87,7 @@ class HeadSpace:
                     dims[k] = d
                     continue
                 lo = max(min_width or d.min_width, 1)
-                dims[k] = DimSpec(d.label, d.kind, d.heads, d.max_width, min(lo, d.max_width), step)
+                dims[k] = DimSpec(d.label, d.kind, d.heads, d.max_width, min(lo, d.max_width), step, d.zero)
             layers[name] = LayerSpace(layer.label, layer.family, layer.kind, dims, layer.meta, layer.adapter)
         return HeadSpace(layers, self.input_size, self.fixed_macs, self.fixed_params, self.skipped)
 
@@ -113,6 +115,60 @@ class HeadSpace:
                 ", ".join(sorted(without)),
             )
         return HeadSpace(layers, self.input_size, self.fixed_macs, self.fixed_params, self.skipped)
+
+    def with_drops(self, model: nn.Module) -> HeadSpace:
+        """A copy in which every layer whose adapter supports it (``sublayer_drop``) may be dropped
+        whole: an attention layer's ``heads`` dimension and an MLP's ``hidden`` dimension also allow
+        0 (:attr:`DimSpec.zero`). A dropped layer becomes a constant (the masked layer's output with
+        every unit masked, :class:`~nas_headprune.space.dropped.DroppedSublayer`), and the norm whose
+        output only it reads (the adapter's :meth:`~SpaceAdapter.drop_norm`, e.g. ``norm1`` before a
+        timm block's ``attn``) becomes ``nn.Identity``; that norm's parameters move from the fixed
+        part to the layer (counted while it stays). ``model`` is the model the space was built from.
+
+        Attention layers need their ``heads`` dimension (:meth:`with_heads` first): raises
+        :class:`ArchitectureError` otherwise. Layers of other adapters are kept (named in a warning).
+        """
+        modules = dict(model.named_modules())
+        layers = {}
+        without = set()
+        moved = 0
+        for name, layer in self.layers.items():
+            kind = HEADS if layer.kind == "attention" else "hidden"
+            if layer.droppable():
+                layers[name] = layer
+                continue
+            if not getattr(layer.adapter, "sublayer_drop", False) or layer.kind not in ("attention", "mlp"):
+                without.add(layer.family)
+                layers[name] = layer
+                continue
+            if kind not in layer.dims:
+                raise ArchitectureError(
+                    f"{name}: dropping an attention layer whole needs its head count; add whole-head "
+                    "pruning first (HeadSpace.with_heads(), config space.prune_heads: true)"
+                )
+            if name not in modules:
+                raise ArchitectureError(f"model has no module {name!r}: was the space built from it?")
+            d = layer.dims[kind]
+            norm = layer.adapter.drop_norm(modules, name)
+            norm_params = sum(p.numel() for p in modules[norm].parameters()) if norm is not None else 0
+            moved += norm_params
+            dims = {
+                **layer.dims,
+                kind: DimSpec(d.label, d.kind, d.heads, d.max_width, d.min_width, d.step, True),
+            }
+            meta = {**layer.meta, DROP_NORM: norm, DROP_NORM_PARAMS: norm_params}
+            layers[name] = LayerSpace(layer.label, layer.family, layer.kind, dims, meta, layer.adapter)
+        if without:
+            log.warning(
+                "dropping whole sublayers is not supported by adapter(s) %s; their layers are kept",
+                ", ".join(sorted(without)),
+            )
+        return HeadSpace(layers, self.input_size, self.fixed_macs, self.fixed_params - moved, self.skipped)
+
+    @property
+    def has_drops(self) -> bool:
+        """Whether any layer may be dropped whole (:meth:`with_drops`)."""
+        return any(layer.droppable() for layer in self.layers.values())
 
     def without_heads(self) -> HeadSpace:
         """A copy without ``heads`` dimensions (channel widths only); the space itself when it has

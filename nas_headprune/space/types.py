@@ -28,6 +28,12 @@ MLP_KINDS = ("hidden",)
 #: the dimension kind of a head count (whole-head pruning, :meth:`HeadSpace.with_heads`)
 HEADS = "heads"
 
+#: ``LayerSpace.meta`` keys of a layer that may be dropped whole (:meth:`HeadSpace.with_drops`): the
+#: module path of the norm whose output only this layer reads (``None`` when there is none), and its
+#: parameter count, counted with the layer while it stays
+DROP_NORM = "drop_norm"
+DROP_NORM_PARAMS = "drop_norm_params"
+
 
 def dim_label(layer: str, kind: str) -> str:
     """The stable label of one dimension: ``"<module path>:<kind>"``."""
@@ -50,6 +56,9 @@ class DimSpec:
     width is always allowed). Widths count the dimension's units, which are single channels except
     where the adapter couples several rows into one unit: EVA's rotary query/key pairs, so its
     ``:qk`` widths (and ``min_width`` and ``step``) count pairs of channels.
+
+    ``zero`` also allows width 0, below ``min_width``: the whole sublayer is dropped (0 heads of an
+    attention layer, 0 hidden units of an MLP; :meth:`HeadSpace.with_drops`).
     """
 
     label: str
@@ -58,20 +67,24 @@ class DimSpec:
     max_width: int
     min_width: int = 1
     step: int = 1
+    zero: bool = False
 
     def allowed(self) -> list[int]:
         values = [w for w in range(self.min_width, self.max_width + 1) if w % self.step == 0]
         if self.max_width not in values:
             values.append(self.max_width)
-        return values
+        return [0, *(w for w in values if w > 0)] if self.zero else values
 
     def check(self, width: object) -> int:
         if isinstance(width, bool) or not isinstance(width, int):
             raise ArchitectureError(f"{self.label}: width must be an integer, got {width!r}")
+        if width == 0 and self.zero:
+            return width
         if not self.min_width <= width <= self.max_width:
             raise ArchitectureError(
                 f"{self.label} = {width} is outside the allowed range "
-                f"[{self.min_width}, {self.max_width}] (per-head width, step {self.step})"
+                f"[{self.min_width}, {self.max_width}]{' or 0 (dropped)' if self.zero else ''} "
+                f"(per-head width, step {self.step})"
             )
         if width % self.step and width != self.max_width:
             raise ArchitectureError(f"{self.label} = {width} is not a multiple of the width step {self.step}")
@@ -136,12 +149,29 @@ class LayerSpace:
     def dense_widths(self) -> dict[str, int]:
         return {k: d.max_width for k, d in self.dims.items()}
 
+    def droppable(self) -> bool:
+        """Whether this layer may be dropped whole (a dimension allows width 0)."""
+        return any(d.zero for d in self.dims.values())
+
+    def dropped(self, widths: Mapping[str, Any]) -> bool:
+        """Whether ``widths`` drop this layer whole: a dimension that allows 0 is at 0 (0 heads, 0
+        hidden units). The layer is then a constant (:mod:`nas_headprune.space.dropped`)."""
+        return any(d.zero and bool(widths.get(k, d.max_width) == 0) for k, d in self.dims.items())
+
     def macs(self, widths: Mapping[str, Any]) -> Any:
-        """Per-image MACs of this layer at ``widths`` (ints, floats or tensors)."""
+        """Per-image MACs of this layer at ``widths`` (ints, floats or tensors); 0 when dropped."""
+        if self.droppable() and self.dropped(widths):
+            return 0
         return self.adapter.macs(self, widths)
 
     def params(self, widths: Mapping[str, Any]) -> Any:
-        return self.adapter.params(self, widths)
+        """Parameters of this layer at ``widths``; a layer that may be dropped also counts the norm
+        that only it reads (:data:`DROP_NORM`) while it stays."""
+        count = self.adapter.params(self, widths)
+        norm = self.meta.get(DROP_NORM_PARAMS, 0)
+        if norm and not self.dropped(widths):
+            count = count + norm
+        return count
 
     def head_channel_dims(self) -> list[DimSpec]:
         """The channel dimensions whose rows are the heads this layer's ``heads`` dimension counts

@@ -91,6 +91,11 @@ class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
                 "similarity_indicator searches whole heads (space.prune_heads: true) only with its head "
                 "indicator: set strategy_options.head_indicator: true, or space.prune_heads: false"
             )
+        if ctx.space.has_drops:
+            raise ConfigError(
+                "similarity_indicator cannot drop whole sublayers (space.drop_sublayers: true); use a "
+                "scoring strategy, e.g. magnitude, taylor or random, or space.drop_sublayers: false"
+            )
         space = ctx.space.with_step(resolve_width_step(cfg.width_step, ctx.device), cfg.min_width)
         check_reachable(space, ctx.target_macs)
         dev = torch.device(ctx.device)
