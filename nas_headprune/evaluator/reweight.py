@@ -249,22 +249,25 @@ def _fit_constants(
 ) -> None:
     """Each dropped layer's constant set to the mean of the dense consumer's output over every
     calibration token: the least-squares fit of ``[1] W = Y``, the bias-only case of the lstsq refit.
-    A constant without a bias parameter (zeros) stays as it is."""
-    for name, cons in names.items():
-        module = cast(DroppedSublayer, pruned.get_submodule(name))
-        if module.value is None:
-            continue
-        total: Tensor | None = None
-        count = 0
-        with torch.no_grad():
-            for batch in batches:
-                y = capture_activation(dense, cons, batch_inputs(batch).to(device), "output")  # (T, C)
-                part = y.double().sum(dim=0)
-                total = part if total is None else total + part
-                count += y.shape[0]
-            assert total is not None  # batches is not empty
-            module.value.copy_((total / count).to(module.value))
-        log.debug("%s: dropped layer's constant fitted on %d tokens", name, count)
+    A constant without a bias parameter (zeros) stays as it is. One dense forward per batch serves
+    every dropped layer."""
+    fitted = {
+        n: c for n, c in names.items() if cast(DroppedSublayer, pruned.get_submodule(n)).value is not None
+    }
+    if not fitted:
+        return
+    sums: dict[str, tuple[Tensor, int]] = {}  # per layer: output summed over tokens, token count
+    with torch.no_grad():
+        for batch in batches:
+            for name, y in module_outputs(dense, fitted, batch_inputs(batch).to(device)).items():
+                flat = y.reshape(-1, y.shape[-1]).double()  # (tokens, channels)
+                total, count = sums.get(name, (0.0, 0))
+                sums[name] = (flat.sum(dim=0) + total, count + flat.shape[0])
+        for name, (total, count) in sums.items():
+            value = cast(DroppedSublayer, pruned.get_submodule(name)).value
+            assert value is not None  # only layers with a constant are fitted
+            value.copy_((total / count).to(value))
+            log.debug("%s: dropped layer's constant fitted on %d tokens", name, count)
 
 
 def _fit_lstsq(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from nas_headprune.errors import ArchitectureError
@@ -87,8 +87,8 @@ class HeadSpace:
                     dims[k] = d
                     continue
                 lo = max(min_width or d.min_width, 1)
-                dims[k] = DimSpec(d.label, d.kind, d.heads, d.max_width, min(lo, d.max_width), step, d.zero)
-            layers[name] = LayerSpace(layer.label, layer.family, layer.kind, dims, layer.meta, layer.adapter)
+                dims[k] = replace(d, min_width=min(lo, d.max_width), step=step)
+            layers[name] = replace(layer, dims=dims)
         return HeadSpace(layers, self.input_size, self.fixed_macs, self.fixed_params, self.skipped)
 
     def with_heads(self) -> HeadSpace:
@@ -148,16 +148,14 @@ class HeadSpace:
                 )
             if name not in modules:
                 raise ArchitectureError(f"model has no module {name!r}: was the space built from it?")
-            d = layer.dims[kind]
             norm = layer.adapter.drop_norm(modules, name)
             norm_params = sum(p.numel() for p in modules[norm].parameters()) if norm is not None else 0
             moved += norm_params
-            dims = {
-                **layer.dims,
-                kind: DimSpec(d.label, d.kind, d.heads, d.max_width, d.min_width, d.step, True),
-            }
-            meta = {**layer.meta, DROP_NORM: norm, DROP_NORM_PARAMS: norm_params}
-            layers[name] = LayerSpace(layer.label, layer.family, layer.kind, dims, meta, layer.adapter)
+            layers[name] = replace(
+                layer,
+                dims={**layer.dims, kind: replace(layer.dims[kind], zero=True)},
+                meta={**layer.meta, DROP_NORM: norm, DROP_NORM_PARAMS: norm_params},
+            )
         if without:
             log.warning(
                 "dropping whole sublayers is not supported by adapter(s) %s; their layers are kept",

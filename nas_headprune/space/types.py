@@ -160,7 +160,7 @@ class LayerSpace:
 
     def macs(self, widths: Mapping[str, Any]) -> Any:
         """Per-image MACs of this layer at ``widths`` (ints, floats or tensors); 0 when dropped."""
-        if self.droppable() and self.dropped(widths):
+        if self.dropped(widths):
             return 0
         return self.adapter.macs(self, widths)
 
