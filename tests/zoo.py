@@ -294,3 +294,12 @@ def randomize_parameters(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
             if name.endswith("bias") or p.abs().max() < 1e-2:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
     return model
+
+
+def masked_pruned_gap(model, space, selection, pruned, x: torch.Tensor) -> float:
+    """The largest ``|masked dense output - pruned output|`` on ``x``: ``model`` run with the hard
+    masks of ``selection`` against ``pruned`` (its materialised copy), both without gradients."""
+    with torch.no_grad():
+        with space.apply_masks(model, space.masks_from_selection(selection)):
+            masked = model(x)
+        return (masked - pruned(x)).abs().max().item()
