@@ -161,6 +161,11 @@ def cmd_search(args: argparse.Namespace) -> int:
             f"{latency['measured_fraction']:.3f} of dense measured, {latency['predicted_fraction']:.3f} "
             f"predicted, budget {latency['budget']} (batch {latency['batch_size']}, {latency['device']})"
         )
+        if latency.get("refinement"):
+            rounds = latency["refinement"]["rounds"]
+            summary["latency"] += (
+                f"; table refined on {len(rounds)} measured search(es), #{latency['refinement']['chosen']} kept"
+            )
     _print_json(summary)
     return 0
 

@@ -214,6 +214,19 @@ class LatencyConfig(Section):
     check_rounds: int = Field(
         100, ge=1, description="rounds when the pruned and dense models are timed against the prediction"
     )
+    refine_rounds: int = Field(
+        3,
+        ge=0,
+        le=10,
+        description="times the search is redone after timing its pruned model whole against the dense "
+        "one and calibrating the table again through that measurement (0: the table as measured)",
+    )
+    refine_tolerance: float = Field(
+        0.03,
+        gt=0,
+        lt=1,
+        description="refinement stops once the measured latency is within this fraction of the budget",
+    )
     cache_dir: str | None = Field(
         None,
         description="where measured tables are kept; default (null): ~/.cache/nas-headprune/latency "

@@ -116,6 +116,88 @@ def test_calibration_with_noisy_ends_keeps_the_layers_own_times(caplog) -> None:
     assert table.predict(space, space.dense()) == pytest.approx(20.0)
 
 
+def test_refitted_table_passes_through_dense_and_the_measured_architecture() -> None:
+    _, space = _vit()
+    names = list(space.layers)
+    table = lat.calibrate(_flat_layers(space, {n: (1.0, 3.0) for n in names}), space, 20.0, 12.0, {})
+    arch = dict(space.dense())
+    arch.update({d.label: d.allowed()[0] for d in space.layers[names[0]].dims.values()})
+    assert table.predict(space, arch) == pytest.approx(20.0 - 2.0 * table.scale)
+    refit = table.refitted(space, arch, 0.95)
+    assert refit is not None and refit.layers is table.layers and refit.dense_ms == table.dense_ms
+    assert refit.predict(space, space.dense()) == pytest.approx(20.0)
+    assert refit.predict(space, arch) == pytest.approx(0.95 * 20.0)
+    assert refit.scale == pytest.approx(1.0 / 2.0)  # 1 ms saved where the layers' own times save 2
+    assert table.predict(space, arch) == pytest.approx(20.0 - 2.0 * table.scale)  # the original is unchanged
+    # two points that fix no line: no saving in the layers' own times, or no measured saving
+    assert table.refitted(space, space.dense(), 0.9) is None
+    assert table.refitted(space, arch, 1.0) is None and table.refitted(space, arch, 0.0) is None
+
+
+def _refine_setup(monkeypatch, budget: float, true_saving: float, rounds: int = 3):
+    """refine_search on synthetic tables: the "true" latency saves ``true_saving`` times what the
+    calibrated table predicts, measured without noise."""
+    from types import SimpleNamespace
+
+    from nas_headprune.config import LatencyConfig
+    from nas_headprune.pipeline import latency as pipeline_latency
+    from nas_headprune.strategy import SearchContext
+
+    _, space = _vit()
+    table = lat.calibrate(_flat_layers(space, {n: (1.0, 3.0) for n in space.layers}), space, 20.0, 4.0, {})
+    scores = {
+        label: torch.rand(d.heads * d.max_width, generator=torch.Generator().manual_seed(2))
+        for label, d in space.dims.items()
+    }
+
+    def search(ctx):
+        arch = allocate(space, scores, ctx.budget * ctx.latency.dense_ms, cost=ctx.latency)
+        return "result", space.selection_from_scores(scores, arch)
+
+    def measured(run, pruned):  # the "pruned model" is the selection itself (materialize patched below)
+        predicted = table.predict(space, pruned.architecture()) / table.dense_ms
+        return {"measured_fraction": 1.0 - true_saving * (1.0 - predicted)}
+
+    monkeypatch.setattr(pipeline_latency, "measured_fraction", measured)
+    monkeypatch.setattr("nas_headprune.evaluator.materialize.materialize", lambda model, space, sel: sel)
+    cfg = SimpleNamespace(budget=budget, latency=LatencyConfig(refine_rounds=rounds, refine_tolerance=0.03))
+    run = SimpleNamespace(cfg=cfg, space=space, model=None, latency=table)
+    ctx = SearchContext(
+        model=None, space=space, budget=budget, dense_macs=1, calib=[], budget_kind="latency", latency=table
+    )
+    return run, ctx, search, table
+
+
+def test_refinement_corrects_a_table_that_overpredicts_the_savings(monkeypatch) -> None:
+    from nas_headprune.pipeline.latency import refine_search
+
+    # the table predicts twice the savings the whole model shows: its first answer is too slow
+    run, ctx, search, table = _refine_setup(monkeypatch, budget=0.7, true_saving=0.5)
+    result, selection, record = refine_search(run, ctx, search)
+    rounds = record["rounds"]
+    assert result == "result" and rounds[0]["predicted_fraction"] <= 0.7 + 1e-9
+    assert rounds[0]["measured_fraction"] > 0.7 * 1.03  # off by more than the tolerance
+    # one refit makes the table exact here (the true latency is linear in the layers' times)
+    assert len(rounds) == 2 and record["chosen"] == 1
+    assert rounds[1]["measured_fraction"] == pytest.approx(0.7, rel=0.03)
+    assert rounds[1]["scale"] == pytest.approx(0.5 * table.scale)
+    assert run.latency.scale == rounds[1]["scale"] and record["table"] == run.latency.to_dict()
+    assert run.latency.predict(run.space, selection.architecture()) <= 0.7 * 20.0 * (1 + 1e-9)
+
+
+def test_refinement_keeps_the_round_measured_closest_when_a_refit_cannot_reach_the_budget(
+    monkeypatch, caplog
+) -> None:
+    from nas_headprune.pipeline.latency import refine_search
+
+    # the whole model saves a fifth of what the table says: after the refit the budget is out of reach
+    run, ctx, search, table = _refine_setup(monkeypatch, budget=0.5, true_saving=0.2)
+    with caplog.at_level(logging.WARNING, logger="nas_headprune.pipeline.latency"):
+        _, _, record = refine_search(run, ctx, search)
+    assert len(record["rounds"]) == 1 and record["chosen"] == 0 and "refinement stops" in caplog.text
+    assert run.latency is table
+
+
 def test_table_round_trips_through_json_and_damage_is_a_value_error(vit_table) -> None:
     _, space, table = vit_table
     again = LatencyTable.from_dict(json.loads(json.dumps(table.to_dict())))
@@ -239,7 +321,20 @@ def test_latency_budget_run_records_predicted_and_measured_latency(tmp_path, cap
     record = result["latency"]
     assert result["budget_kind"] == "latency"
     assert record["batch_size"] == 8 and record["device"] == "cpu" and record["threads"] == 1
-    table = LatencyTable.from_dict(json.loads((run / "latency_table.json").read_text()))
+    measured_table = LatencyTable.from_dict(json.loads((run / "latency_table.json").read_text()))
+    # the search was refined against whole-model timings; the evaluate stage predicts with the table
+    # of the round it kept, which search.json holds
+    refinement = json.loads((run / "search.json").read_text())["latency_refinement"]
+    table = LatencyTable.from_dict(refinement["table"])
+    rounds, chosen = refinement["rounds"], refinement["chosen"]
+    assert record["refinement"] == {"rounds": rounds, "chosen": chosen}
+    assert 1 <= len(rounds) <= 4 and [r["round"] for r in rounds] == list(range(len(rounds)))
+    assert (rounds[0]["scale"], rounds[0]["fixed_ms"]) == (measured_table.scale, measured_table.fixed_ms)
+    assert (rounds[chosen]["scale"], rounds[chosen]["fixed_ms"]) == (table.scale, table.fixed_ms)
+    offs = [abs(r["measured_fraction"] / 0.9 - 1) for r in rounds]
+    assert offs[chosen] == min(offs)
+    assert record["predicted_fraction"] == pytest.approx(rounds[chosen]["predicted_fraction"])
+    assert table.layers.keys() == measured_table.layers.keys() and table.dense_ms == measured_table.dense_ms
     assert record["table_dense_ms"] == table.dense_ms
     assert record["predicted_ms"] <= record["target_ms"] * (1 + 1e-9)
     assert record["target_ms"] == pytest.approx(0.9 * table.dense_ms)
@@ -256,12 +351,31 @@ def test_latency_run_resumes_from_its_own_table_and_refuses_other_settings(tmp_p
     run = tmp_path / "run"
     (run / "result.json").unlink()  # redo the evaluate stage only
     (tmp_path / "cache").rename(tmp_path / "gone")  # the search must not need the cache again
+    capsys.readouterr()
+    first = json.loads((run / "search.json").read_text())["latency_refinement"]
     assert main(_latency_args(tmp_path)) == 0
     assert not (tmp_path / "cache").exists()
-    capsys.readouterr()
+    again = json.loads((run / "result.json").read_text())["latency"]
+    assert again["refinement"] == {"rounds": first["rounds"], "chosen": first["chosen"]}
+    assert again["predicted_fraction"] == pytest.approx(
+        first["rounds"][first["chosen"]]["predicted_fraction"]
+    )
+    assert "refined on" in json.loads(capsys.readouterr().out)["latency"]
     assert main(_latency_args(tmp_path, "latency.batch_size=4")) == 2
     err = capsys.readouterr().err
     assert "search" in err and "latency.batch_size" in err and "Traceback" not in err
+
+
+def test_latency_run_without_refinement_predicts_with_the_measured_table(tmp_path, capsys) -> None:
+    assert main(_latency_args(tmp_path, "latency.refine_rounds=0")) == 0
+    run = tmp_path / "run"
+    record = json.loads((run / "result.json").read_text())["latency"]
+    table = LatencyTable.from_dict(json.loads((run / "latency_table.json").read_text()))
+    assert record["refinement"] is None and "latency_refinement" not in json.loads(
+        (run / "search.json").read_text()
+    )
+    assert record["predicted_ms"] <= 0.9 * table.dense_ms * (1 + 1e-9)
+    assert "refined" not in json.loads(capsys.readouterr().out)["latency"]
 
 
 def test_latency_budget_needs_a_scoring_strategy(tmp_path, capsys) -> None:

@@ -11,7 +11,7 @@ width. Between grid points the time is interpolated (multilinear); the whole mod
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -88,15 +88,32 @@ class LatencyTable:
     # ------------------------------------------------------------------- public
     def predict(self, space: HeadSpace, arch: Mapping[str, int]) -> float:
         """Predicted ms per batch of the whole model at ``arch`` (dense widths where it is silent)."""
-        total = self.fixed_ms
+        return float(self.fixed_ms + self.scale * self.layer_sum(space, arch))
+
+    def layer_sum(self, space: HeadSpace, arch: Mapping[str, int]) -> float:
+        """The layers' own summed times at ``arch``, before ``scale`` and ``fixed`` apply."""
+        total = 0.0
         for name, layer in space.layers.items():
             if name not in self.layers:
                 raise UsageError(
                     f"the latency table has no layer {name!r}; it was measured for another model"
                 )
-            widths = {k: arch.get(d.label, d.max_width) for k, d in layer.dims.items()}
-            total += self.layer(space, name, widths)
-        return float(total)
+            total += self.layers[name].at({k: arch.get(d.label, d.max_width) for k, d in layer.dims.items()})
+        return total
+
+    def refitted(self, space: HeadSpace, arch: Mapping[str, int], fraction: float) -> LatencyTable | None:
+        """This table calibrated again through the dense model and ``arch``, which was measured whole
+        at ``fraction`` of the dense latency: ``scale`` and ``fixed`` are chosen so the prediction is
+        ``dense_ms`` at the dense widths and ``fraction * dense_ms`` at ``arch``. Near ``arch`` this is
+        the secant of the real curve, where the two-ends calibration is its chord over the whole range.
+        ``None`` when the two points cannot fix a line (``arch`` saves nothing in the layers' own
+        times, or was not measured faster than dense)."""
+        saved = self.layer_sum(space, space.dense()) - self.layer_sum(space, arch)
+        if not (0.0 < fraction < 1.0) or saved <= 0.0:
+            return None
+        scale = self.dense_ms * (1.0 - fraction) / saved
+        fixed = self.dense_ms - scale * self.layer_sum(space, space.dense())
+        return replace(self, scale=scale, fixed_ms=fixed)
 
     def to_dict(self) -> dict[str, Any]:
         return {

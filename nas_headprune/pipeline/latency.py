@@ -5,6 +5,8 @@ latency against the table's prediction."""
 from __future__ import annotations
 
 import copy
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,6 +14,8 @@ import torch
 from nas_headprune.errors import CheckpointError
 from nas_headprune.pipeline.state import RunState
 from nas_headprune.runfolder import read_json
+
+log = logging.getLogger(__name__)
 
 
 def run_latency_table(run: RunState, done: bool) -> Any:
@@ -32,8 +36,8 @@ def run_latency_table(run: RunState, done: bool) -> Any:
         except ValueError as exc:
             raise CheckpointError(f"{path} is damaged or was edited ({exc}); rerun with --restart") from exc
     lat = run.cfg.latency
-    data = None
-    if run.main:
+
+    def measure() -> dict[str, Any]:
         table, cached = latency_table(
             run.model,
             run.space,
@@ -46,41 +50,124 @@ def run_latency_table(run: RunState, done: bool) -> Any:
             cache_dir=lat.cache_dir,
             progress=run.cfg.progress,
         )
-        data = table.to_dict()
-        data["cache_file"] = str(cached) if cached else None
+        data = {**table.to_dict(), "cache_file": str(cached) if cached else None}
         atomic_write_json(path, data)
+        return data
+
+    return LatencyTable.from_dict(_on_rank0(run, measure))
+
+
+def _on_rank0(run: RunState, work: Callable[[], Any]) -> Any:
+    """What ``work()`` returns on rank 0, where alone it runs, on every rank (a picklable object)."""
+    value = work() if run.main else None
     if run.world > 1:
-        box = [data]
+        box = [value]
         torch.distributed.broadcast_object_list(box, src=0)
-        data = box[0]
-    assert data is not None
-    return LatencyTable.from_dict(data)
+        value = box[0]
+    return value
+
+
+def measured_fraction(run: RunState, pruned: torch.nn.Module) -> dict[str, float]:
+    """The pruned model's latency as a fraction of the dense model's, both timed interleaved at the
+    latency budget's batch size, device and threads (``latency.check_rounds`` rounds, medians).
+    Under torchrun rank 0 times them and every rank gets its numbers."""
+    from nas_headprune.evaluator import metrics
+
+    lat = run.cfg.latency
+
+    def measure() -> dict[str, float]:
+        both = metrics.measure_throughput(
+            {"dense": copy.deepcopy(run.model), "pruned": copy.deepcopy(pruned)},
+            run.size,
+            batch_size=lat.batch_size,
+            device=lat.device or str(run.device),
+            warmup=lat.warmup,
+            iters=lat.check_rounds,
+            threads=lat.threads,
+        )
+        measured, dense = both["pruned"]["ms_per_batch"], both["dense"]["ms_per_batch"]
+        return {"measured_ms": measured, "measured_dense_ms": dense, "measured_fraction": measured / dense}
+
+    return dict(_on_rank0(run, measure))
+
+
+def refine_search(run: RunState, ctx: Any, search: Callable[[Any], tuple[Any, Any]]) -> tuple[Any, Any, dict]:
+    """Search under the latency table, time the pruned model whole, calibrate the table again through
+    that measurement (:meth:`LatencyTable.refitted`) and search again, up to ``latency.refine_rounds``
+    times or until the measured fraction is within ``latency.refine_tolerance`` of the budget.
+
+    ``search(ctx)`` runs the strategy and validates its result: ``(result, selection)``. Returns the
+    result and selection of the round measured closest to the budget, and the refinement's record
+    (every round's table calibration, prediction and measurement; the chosen round; its table, which
+    becomes ``run.latency`` so the evaluate stage predicts with the table the selection was made on).
+    """
+    from dataclasses import replace
+
+    from nas_headprune.allocate import BudgetError
+    from nas_headprune.evaluator.materialize import materialize
+
+    lat, budget = run.cfg.latency, run.cfg.budget
+    table = ctx.latency
+    rounds: list[dict[str, Any]] = []
+    best: tuple[float, Any, Any, Any, int] | None = None
+    for index in range(lat.refine_rounds + 1):
+        try:
+            result, selection = search(replace(ctx, latency=table))
+        except BudgetError as exc:
+            if best is None:
+                raise
+            log.warning("latency refinement stops after round %d: the refitted table %s", index - 1, exc)
+            break
+        arch = selection.architecture()
+        predicted = table.predict(run.space, arch) / table.dense_ms
+        timed = measured_fraction(run, materialize(run.model, run.space, selection))
+        fraction = timed["measured_fraction"]
+        rounds.append(
+            {
+                "round": index,
+                "scale": table.scale,
+                "fixed_ms": table.fixed_ms,
+                "predicted_fraction": predicted,
+                "measured_fraction": fraction,
+            }
+        )
+        log.info(
+            "latency round %d: predicted %.3f, measured %.3f of dense (budget %.3f)",
+            index,
+            predicted,
+            fraction,
+            budget,
+        )
+        off = abs(fraction / budget - 1.0)
+        if best is None or off < best[0]:
+            best = (off, result, selection, table, index)
+        if off <= lat.refine_tolerance or index == lat.refine_rounds:
+            break
+        refit = table.refitted(run.space, arch, fraction)
+        if refit is None:
+            log.warning(
+                "latency refinement stops after round %d: the measurement cannot refit the table", index
+            )
+            break
+        table = refit
+    assert best is not None
+    _, result, selection, table, chosen = best
+    run.latency = table
+    return result, selection, {"rounds": rounds, "chosen": chosen, "table": table.to_dict()}
 
 
 def latency_check(run: RunState, pruned: torch.nn.Module, arch: Any) -> dict[str, Any]:
     """Predicted against measured latency of the pruned model, both models timed interleaved at the
     latency budget's batch size, device and threads."""
-    from nas_headprune.evaluator import metrics
-
     lat, table = run.cfg.latency, run.latency
-    device = lat.device or str(run.device)
-    timed = metrics.measure_throughput(
-        {"dense": copy.deepcopy(run.model), "pruned": copy.deepcopy(pruned)},
-        run.size,
-        batch_size=lat.batch_size,
-        device=device,
-        warmup=lat.warmup,
-        iters=lat.check_rounds,
-        threads=lat.threads,
-    )
+    timed = measured_fraction(run, pruned)
     predicted = table.predict(run.space, arch)
-    measured, dense = timed["pruned"]["ms_per_batch"], timed["dense"]["ms_per_batch"]
     # The machine's speed drifts between the table's measurement and this one (load, clocks), so the
     # budget and the prediction are compared as fractions of the dense latency timed alongside.
-    predicted_fraction, measured_fraction = predicted / table.dense_ms, measured / dense
+    predicted_fraction = predicted / table.dense_ms
     return {
         "batch_size": lat.batch_size,
-        "device": device,
+        "device": lat.device or str(run.device),
         "device_name": table.setting.get("device_name"),
         "threads": table.setting.get("threads"),
         "budget": run.cfg.budget,
@@ -88,9 +175,8 @@ def latency_check(run: RunState, pruned: torch.nn.Module, arch: Any) -> dict[str
         "target_ms": run.cfg.budget * table.dense_ms,
         "predicted_ms": predicted,
         "predicted_fraction": predicted_fraction,
-        "measured_ms": measured,
-        "measured_dense_ms": dense,
-        "measured_fraction": measured_fraction,
-        "measured_over_budget": measured_fraction / run.cfg.budget,
-        "prediction_error": predicted_fraction / measured_fraction - 1.0,
+        **timed,
+        "measured_over_budget": timed["measured_fraction"] / run.cfg.budget,
+        "prediction_error": predicted_fraction / timed["measured_fraction"] - 1.0,
+        "refinement": run.latency_rounds,
     }

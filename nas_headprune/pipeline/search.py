@@ -13,7 +13,7 @@ import torch
 from nas_headprune.checkpoint import fingerprint
 from nas_headprune.errors import CheckpointError, StrategyError
 from nas_headprune.jsonlog import finite_json
-from nas_headprune.pipeline.latency import run_latency_table
+from nas_headprune.pipeline.latency import refine_search, run_latency_table
 from nas_headprune.pipeline.state import RunState
 from nas_headprune.runfolder import read_json, read_tensors
 
@@ -37,6 +37,7 @@ def stage_search(run: RunState, done: bool) -> Searched:
     from safetensors.torch import save_file
 
     from nas_headprune.atomic import atomic_path, atomic_write_json
+    from nas_headprune.evaluator.latency_cost import LatencyTable
     from nas_headprune.evaluator.measure import measure_macs
     from nas_headprune.space.build import build_space
     from nas_headprune.strategy import SearchContext, validate_result
@@ -67,6 +68,10 @@ def stage_search(run: RunState, done: bool) -> Searched:
             info, reported = saved["info"], saved["reported_macs"]
             weight_steps = int(saved["weight_steps"])
             run.timings["search_s"] = float(saved["search_s"])
+            if "latency_refinement" in saved:  # the table the selection was made on
+                refined = saved["latency_refinement"]
+                run.latency = LatencyTable.from_dict(refined["table"])
+                run.latency_rounds = {k: refined[k] for k in ("rounds", "chosen")}
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(
                 f"{search_file} is damaged or was edited ({type(exc).__name__}: {exc}); rerun with --restart"
@@ -91,11 +96,20 @@ def stage_search(run: RunState, done: bool) -> Searched:
         budget_kind=cfg.budget_kind,
         latency=run.latency,
     )
+
+    def search(ctx: SearchContext) -> tuple[Any, Any]:
+        with torch.random.fork_rng(devices=[]):  # every search of a refinement starts from one RNG state
+            result = run.strategy.search(ctx)
+        return result, validate_result(cfg.strategy, ctx, result)[0]
+
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        result = run.strategy.search(ctx)
+    refinement: dict[str, Any] | None = None
+    if cfg.budget_kind == "latency" and cfg.latency.refine_rounds:
+        result, selection, refinement = refine_search(run, ctx, search)
+        run.latency_rounds = {k: refinement[k] for k in ("rounds", "chosen")}
+    else:
+        result, selection = search(ctx)
     run.timings["search_s"] = time.perf_counter() - t0
-    selection, _ = validate_result(cfg.strategy, ctx, result)
     if run.world > 1:
         _same_on_every_rank(cfg.strategy, selection)
     scales = {k: v.detach().cpu().contiguous() for k, v in (result.scales or {}).items()} or None
@@ -117,6 +131,7 @@ def stage_search(run: RunState, done: bool) -> Searched:
                 "weight_steps": result.weight_steps,
                 "search_s": run.timings["search_s"],
                 "fingerprint": run.fingerprints["search"],
+                **({"latency_refinement": refinement} if refinement else {}),
             },
         )
     run.folder.finish("search")

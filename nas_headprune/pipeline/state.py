@@ -54,6 +54,7 @@ class RunState:
     space: Any = None
     dense_macs: int = 0
     latency: Any = None  # the LatencyTable of a budget_kind: latency run
+    latency_rounds: Any = None  # the refinement's rounds (latency.refine_rounds), when it ran
 
     @property
     def out(self) -> Path:
