@@ -64,14 +64,16 @@ def run_one(variant: str, seed: int, root: Path) -> dict[str, Any]:
         "progress=false",
         f"latency.cache_dir={root / 'latency_cache'}",
     ]
+    folder = root / f"{slug}-s{seed}"
+    reused = (folder / "result.json").is_file()
     t0 = time.perf_counter()
-    result = run_search(load_config("default", overrides), root / f"{slug}-s{seed}")
-    return {"result": result, "seconds": time.perf_counter() - t0}
+    result = run_search(load_config("default", overrides), folder)
+    return {"result": result, "seconds": time.perf_counter() - t0, "reused": reused}
 
 
 def _top1(record: dict[str, Any], split: str) -> float | None:
-    after = record["pruned"]["after_finetune"]
-    return (after.get("val") or {}).get("top1") if split == "val" else after.get("top1")
+    pruned = record["pruned"]
+    return pruned.get("val_top1") if split == "val" else pruned["after_finetune"].get("top1")
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -82,10 +84,16 @@ def report(
     runs: dict[tuple[str, int], dict[str, Any]], seeds: list[int], argv: list[str], wall: float
 ) -> str:
     load = os.getloadavg()
+    reused = sum(bool(r["reused"]) for r in runs.values())
     lines = [
         "# Latency budgets: half the batch-1 latency of the embedded ViT",
         "",
-        f"Command: `python benchmarks/bench_latency_budget.py {' '.join(argv)}` ({wall / 60:.1f} minutes).",
+        f"Command: `python benchmarks/bench_latency_budget.py {' '.join(argv)}` ({wall / 60:.1f} minutes"
+        + (
+            f"; {reused} of the {len(runs)} runs were finished run folders under `--root`, reused)."
+            if reused
+            else ")."
+        ),
         "",
         f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores shared with other work; "
         f"torch on 1 thread. Load average (1, 5, 15 min) at the end: {tuple(round(v, 2) for v in load)}.",
@@ -141,7 +149,7 @@ def report(
 
         lines.append(f"| {variant} | {mean_sd(checks, 3)} | {mean_sd(vals, 2)} | {mean_sd(tests, 2)} |")
     dense = runs[(next(iter(VARIANTS)), seeds[0])]["result"]["dense"]
-    dense_val = (dense.get("val") or {}).get("top1")
+    dense_val = dense.get("val_top1")
     lines += ["", f"Dense: top-1 {_fmt(dense_val)} (val), {_fmt(dense.get('top1'))} (test).", ""]
     return "\n".join(lines)
 

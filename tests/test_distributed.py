@@ -1,11 +1,14 @@
 """`search` under torchrun (2 processes, gloo on CPU): one architecture on every rank, sums equal to
-the single-process ones, resume after a kill."""
+the single-process ones, resume after a kill.
+
+The kill-and-resume test launches the real ``torchrun``; the others fork their two ranks from the
+test process with torchrun's environment (``distributed_fixture.forked_ranks``), which skips the
+interpreter start-up and imports every torchrun launch costs."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_fixture import context, kill_torchrun
+from distributed_fixture import Rank, context, forked_ranks, free_port, kill_torchrun
 from safetensors.torch import load_file
 from test_cli import TINY
 
@@ -29,12 +32,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _torchrun(*args: str) -> list[str]:
     return [
         sys.executable,
@@ -43,7 +40,7 @@ def _torchrun(*args: str) -> list[str]:
         "--nnodes=1",
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         *args,
     ]
 
@@ -62,6 +59,14 @@ def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO_ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
+
+
+def _forked_search(args: list[str]) -> list[Rank]:
+    """``nas-headprune`` with ``args`` (after ``-m nas_headprune.cli``) on two forked ranks; both succeed."""
+    ranks = forked_ranks(lambda: main(args[2:]))
+    for rank in ranks:
+        assert rank.returncode == 0, (rank.stdout + rank.stderr)[-4000:]
+    return ranks
 
 
 OPTIONS = {
@@ -86,8 +91,9 @@ def _same_selection_as_one_process(tmp_path: Path, ddp: Path, strategy: str) -> 
 def test_search_command_under_torchrun_gives_one_architecture(tmp_path, strategy) -> None:
     if strategy in ("evolution", "nni_random"):
         pytest.importorskip("nni")
-    proc = _run(_torchrun(*_search(tmp_path / "ddp", strategy, *OPTIONS[strategy])))
-    assert proc.stdout.count('"strategy"') == 1  # rank 0 alone prints the summary
+    ranks = _forked_search(_search(tmp_path / "ddp", strategy, *OPTIONS[strategy]))
+    # rank 0 alone prints the summary
+    assert ranks[0].stdout.count('"strategy"') == 1 and '"strategy"' not in ranks[1].stdout
     result = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert result["device"] == "cpu" and result["pruned"]["macs_ratio"] <= 0.5
     # every rank checked its selection against the others before materialising (the runner's guard)
@@ -95,7 +101,13 @@ def test_search_command_under_torchrun_gives_one_architecture(tmp_path, strategy
 
 
 def test_taylor_scores_are_summed_over_ranks(tmp_path) -> None:
-    _run(_torchrun(str(TESTS_DIR / "_ddp_score_worker.py"), str(tmp_path), "taylor"))
+    def score() -> None:
+        import _ddp_score_worker  # in the rank alone: importing it sets torch's threads to 1
+
+        _ddp_score_worker.main(tmp_path, "taylor")
+
+    for rank in forked_ranks(score):
+        assert rank.returncode == 0, rank.stderr[-4000:]
     ranks = [load_file(str(tmp_path / f"scores{r}.safetensors")) for r in range(2)]
     single = make_strategy("taylor", {}).score(context())
     assert ranks[0].keys() == single.keys()
@@ -124,19 +136,20 @@ class RankNoise(ScoringStrategy):
 
 def test_a_strategy_that_differs_across_ranks_is_named(tmp_path) -> None:
     (tmp_path / "rank_noise.py").write_text(_NOT_RANK_AWARE)
-    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(
-        _torchrun(*_search(tmp_path / "run", "rank_noise:RankNoise")),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO_ROOT,
-    )
-    assert proc.returncode != 0
-    # each rank ends with the CLI's one-line message, not a traceback of ours
-    assert "error: strategy 'rank_noise:RankNoise' chose different channels on different ranks" in proc.stderr
-    assert "raise StrategyError" not in proc.stderr
+
+    def search() -> int:
+        sys.path.insert(0, str(tmp_path))
+        return main(_search(tmp_path / "run", "rank_noise:RankNoise")[2:])
+
+    ranks = forked_ranks(search)
+    for rank in ranks:
+        assert rank.returncode != 0
+        # each rank ends with the CLI's one-line message, not a traceback of ours
+        assert (
+            "error: strategy 'rank_noise:RankNoise' chose different channels on different ranks"
+            in rank.stderr
+        )
+        assert "raise StrategyError" not in rank.stderr
 
 
 def test_killed_torchrun_search_resumes(tmp_path) -> None:

@@ -1,25 +1,28 @@
-"""The similarity_indicator search under torchrun (2 processes, gloo on CPU): data-parallel training,
+"""The similarity_indicator search on two ranks (2 processes, gloo on CPU): data-parallel training,
 calibration statistics equal to the single-process ones, resume after a kill and across world sizes.
 
-Three torchrun launches in all: the worker (statistics, resume from and to one process, and the
+Every launch forks its two ranks from the test process with torchrun's environment
+(``distributed_fixture.ForkedRanks``): the worker (statistics, resume from and to one process, and the
 uninterrupted ``search`` command), then a ``search`` killed once its checkpoint exists and its rerun.
+The real ``torchrun`` launcher is tested by ``test_distributed.test_killed_torchrun_search_resumes``.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import _ddp_similarity_worker
 import pytest
 import torch
 from _ddp_similarity_worker import RESUME_CONFIG, STATS_CONFIG, STOP, flatten_context
-from distributed_fixture import context, kill_torchrun
+from distributed_fixture import ForkedRanks, context, forked_ranks
 from safetensors.torch import load_file
-from test_distributed import ENV, REPO_ROOT, TESTS_DIR, _run, _search, _torchrun
+from test_distributed import _search
 
+from nas_headprune.cli import main
 from nas_headprune.registry import make_strategy
 from nas_headprune.strategies.similarity_indicator import CHECKPOINT_NAME, SimilarityIndicator
 from nas_headprune.strategy import validate_result
@@ -65,7 +68,8 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.raises(_Interrupt):
         _StopAfter(RESUME_CONFIG).search(ctx)
     search = _search(out / "reference", "similarity_indicator", *OPTIONS)[2:]  # the CLI's arguments
-    _run(_torchrun(str(TESTS_DIR / "_ddp_similarity_worker.py"), str(out), *search))
+    for rank in forked_ranks(lambda: _ddp_similarity_worker.main(out, search)):
+        assert rank.returncode == 0, (rank.stdout + rank.stderr)[-4000:]
     return out
 
 
@@ -109,31 +113,25 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(worker: Path) -> None:
     validate_result("similarity_indicator", ctx, result)
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers in /proc")
-def test_killed_torchrun_search_resumes_to_the_uninterrupted_selection(worker: Path, tmp_path: Path) -> None:
+def test_killed_search_resumes_to_the_uninterrupted_selection(worker: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     checkpoint = out / "search_state" / CHECKPOINT_NAME
-    first = subprocess.Popen(
-        _torchrun(*_search(out, "similarity_indicator", *OPTIONS)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-        cwd=REPO_ROOT,
-        start_new_session=True,
-    )
+    search = _search(out, "similarity_indicator", *OPTIONS)[2:]  # the CLI's arguments
+    first = ForkedRanks(lambda: main(search))
     try:
         deadline = time.monotonic() + 240
         while not checkpoint.exists():  # killed during the search
-            assert first.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            assert first.running() and time.monotonic() < deadline, "the run ended before it was killed"
             time.sleep(0.02)
     finally:
-        kill_torchrun(first)
+        first.kill()
     assert not (out / "search.json").exists(), "the search finished before the kill"
     killed_at = _checkpoint(out / "search_state")["step"]
 
-    # the whole command under torchrun: exit 0, rank 0 alone prints the summary and writes the run
-    proc = _run(_torchrun(*_search(out, "similarity_indicator", *OPTIONS)))
-    assert proc.stdout.count('"strategy"') == 1
+    # the whole command on two ranks: exit 0, rank 0 alone prints the summary and writes the run
+    ranks = forked_ranks(lambda: main(search))
+    assert [r.returncode for r in ranks] == [0, 0], (ranks[0].stderr + ranks[1].stderr)[-4000:]
+    assert ranks[0].stdout.count('"strategy"') == 1 and '"strategy"' not in ranks[1].stdout
     result = json.loads((out / "result.json").read_text())
     assert result["device"] == "cpu" and result["pruned"]["macs_ratio"] <= 0.5
 

@@ -7,15 +7,13 @@ import os
 import random
 import re
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
+from distributed_fixture import forked_ranks
 from pydantic import ValidationError
 from sklearn.datasets import load_digits
 from torch import nn
@@ -267,19 +265,22 @@ def test_config_rejects_unknown_and_inconsistent_fields() -> None:
 # checkpoints and resuming
 
 
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")  # here and in the forked child, so the three runs compute alike
 def test_resume_after_sigkill_is_bit_identical(tmp_path: Path) -> None:
     reference_model, reference = _resume_run(None)
 
     checkpoint_dir = tmp_path / "ckpt"
-    code = (
-        f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); import test_finetune as t; "
-        f"t._killed_run_main({str(checkpoint_dir)!r}, {torch.get_num_threads()}, 0)"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    # a forked child runs the fine-tune until it SIGKILLs itself after the first epoch
+    ended = forked_ranks(lambda: _killed_run_main(str(checkpoint_dir), 1, 0), world_size=1)[0]
+    assert ended.returncode == -signal.SIGKILL, ended.stderr[-2000:]
     assert (checkpoint_dir / CHECKPOINT_NAME).is_file()
     assert [p.name for p in checkpoint_dir.iterdir()] == [CHECKPOINT_NAME]  # no temporary file left
 
@@ -466,29 +467,16 @@ def test_atomic_writes_replace_whole_files(tmp_path: Path) -> None:
 # DistributedDataParallel
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_ddp_two_ranks_end_with_identical_weights(tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        str(TESTS_DIR / "_ddp_worker.py"),
-        str(tmp_path),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=REPO_ROOT)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    def rank() -> None:
+        import _ddp_worker  # in the rank alone: importing it sets torch's threads to 1
+
+        _ddp_worker.main(tmp_path)
+
+    for ended in forked_ranks(rank):  # torchrun's environment, two ranks forked from this process
+        assert ended.returncode == 0, (ended.stdout + ended.stderr)[-4000:]
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in reports] == [2, 2]
