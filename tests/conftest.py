@@ -8,7 +8,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from zoo import MODEL_ZOO  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# one torch thread per worker when pytest-xdist runs the tests in several processes
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(params=sorted(MODEL_ZOO))

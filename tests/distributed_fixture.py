@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,40 +54,6 @@ def context(rank: int = 0, world_size: int = 1) -> SearchContext:
     )
 
 
-def kill_torchrun(agent: subprocess.Popen) -> None:
-    """SIGKILL a torchrun launch: the agent's process group and each worker's, since torchrun
-    starts every worker in a session of its own (killing the agent alone leaves them running)."""
-    workers = [
-        int(entry.name)
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit() and _parent(entry) == agent.pid
-    ]
-    os.killpg(agent.pid, signal.SIGKILL)
-    for pid in workers:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    agent.wait()
-    deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def _parent(proc: Path) -> int | None:
-    try:
-        return int((proc / "stat").read_text().rpartition(")")[2].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -117,7 +82,7 @@ class ForkedRanks:
 
     The children inherit the imported torch, timm and project, so a launch costs the work alone, not
     the seconds every fresh interpreter spends importing them; the launcher itself is tested with the
-    real ``torchrun`` by ``test_distributed.test_killed_torchrun_search_resumes``. Each child runs on
+    real ``torchrun`` by ``test_distributed.test_killed_torchrun_search_resumes`` (its resuming launch). Each child runs on
     1 torch thread, with its stdout and stderr (Python's and the file descriptors) in files of its
     own; its exit status is what ``work()`` returns (a ``SystemExit``'s code; 1 and the traceback on
     stderr for an exception).

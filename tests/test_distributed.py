@@ -1,9 +1,9 @@
 """`search` under torchrun (2 processes, gloo on CPU): one architecture on every rank, sums equal to
 the single-process ones, resume after a kill.
 
-The kill-and-resume test launches the real ``torchrun``; the others fork their two ranks from the
-test process with torchrun's environment (``distributed_fixture.forked_ranks``), which skips the
-interpreter start-up and imports every torchrun launch costs."""
+The kill-and-resume test resumes with a real ``torchrun`` launch; every other launch forks its two
+ranks from the test process with torchrun's environment (``distributed_fixture.ForkedRanks``), which
+skips the interpreter start-up and imports every torchrun launch costs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_fixture import Rank, context, forked_ranks, free_port, kill_torchrun
+from distributed_fixture import ForkedRanks, Rank, context, forked_ranks, free_port
 from safetensors.torch import load_file
 from test_cli import TINY
 
@@ -155,21 +155,15 @@ def test_a_strategy_that_differs_across_ranks_is_named(tmp_path) -> None:
 def test_killed_torchrun_search_resumes(tmp_path) -> None:
     out = tmp_path / "run"
     long = ("finetune={epochs: 40, max_steps_per_epoch: 3}",)
-    first = subprocess.Popen(
-        _torchrun(*_search(out, "taylor", *long)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-        cwd=REPO_ROOT,
-        start_new_session=True,
-    )
+    # killed on two forked ranks, resumed by a real torchrun launch
+    first = ForkedRanks(lambda: main(_search(out, "taylor", *long)[2:]))
     try:
         deadline = time.monotonic() + 240
         while not (out / "finetune" / "last.pt").exists():  # killed mid fine-tune
-            assert first.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            assert first.running() and time.monotonic() < deadline, "the run ended before it was killed"
             time.sleep(0.05)
     finally:
-        kill_torchrun(first)
+        first.kill()
     search_bytes = (out / "search.json").read_bytes()
     proc = _run(_torchrun(*_search(out, "taylor", *long)))
     assert (out / "search.json").read_bytes() == search_bytes

@@ -10,6 +10,7 @@ places (:mod:`nas_headprune.data` keeps them as module constants).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import io
 import logging
@@ -58,7 +59,21 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """Read one IDX file of unsigned bytes (plain or gzipped) into a uint8 array of its shape."""
+    """Read one IDX file of unsigned bytes (plain or gzipped) into a uint8 array of its shape.
+
+    The arrays are read-only and kept for the process's life, keyed by the file's path, size and
+    modification time: an ablation runs many trials in one process, and each would otherwise
+    decompress the same 30 MB again."""
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise DataNotFoundError(f"cannot read IDX file {path}: {exc}; delete it and fetch it again") from exc
+    return _read_idx_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected_magic)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(file: str, size: int, mtime_ns: int, expected_magic: int) -> np.ndarray:
+    path = Path(file)
     try:
         raw = path.read_bytes()
         if raw[:2] == _GZIP_MAGIC:
