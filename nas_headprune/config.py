@@ -259,7 +259,12 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     reweight: ReweightConfig = Field(default_factory=ReweightConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    throughput_batch: int = Field(64, ge=1)
+    throughput_batch: int = Field(
+        64, ge=1, description="images per forward pass when result.json's throughput is timed"
+    )
+    throughput_rounds: int = Field(
+        10, ge=1, description="interleaved rounds (dense and pruned model, medians) of that timing"
+    )
     progress: bool = True
 
 

@@ -27,6 +27,7 @@ TINY_SET = {
     "data.calib_batch_size": 32,
     "finetune.epochs": 0,
     "throughput_batch": 2,
+    "throughput_rounds": 2,
 }
 
 

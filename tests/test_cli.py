@@ -16,6 +16,7 @@ TINY = [
     "data={name: digits, batch_size: 64, calib_batches: 2, calib_batch_size: 32}",
     "finetune={epochs: 1, max_steps_per_epoch: 3}",
     "throughput_batch=8",
+    "throughput_rounds=2",
 ]
 
 

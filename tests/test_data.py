@@ -451,3 +451,19 @@ def test_val_split_out_of_range_is_refused(size) -> None:
 def test_val_split_that_leaves_nothing_is_refused() -> None:
     with pytest.raises(ConfigError, match="val_split=5000"):
         load_datasets(DataConfig(name="digits", val_split=5000))
+
+
+def test_decoded_idx_files_are_kept_until_the_file_changes(tmp_path) -> None:
+    from nas_headprune.datasets import fashion_mnist as fm
+
+    rng = np.random.default_rng(3)
+    first, second = (rng.integers(0, 256, size=(4, 28, 28), dtype=np.uint8) for _ in range(2))
+    path = _write_idx(tmp_path / "images", first, 0x0803, True)
+    a, b = fm._read_idx(path, 0x0803), fm._read_idx(path, 0x0803)
+    assert b is a and np.array_equal(a, first)  # read once, kept
+    assert not a.flags.writeable  # what is kept cannot be changed by a caller
+    # the same file with other contents (a new size or modification time) is read again
+    _write_idx(tmp_path / "images", second, 0x0803, False).replace(path)
+    assert np.array_equal(fm._read_idx(path, 0x0803), second)
+    with pytest.raises(DataNotFoundError, match="cannot read IDX file"):
+        fm._read_idx(tmp_path / "missing.gz", 0x0803)

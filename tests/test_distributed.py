@@ -74,7 +74,7 @@ OPTIONS = {
     "random": (),
     "taylor": (),
     # 2 calibration batches: one for ranking and reweight, one held out (split over the 2 ranks)
-    "evolution": ("strategy_options={trials: 6, population_size: 3, sample_size: 2}",),
+    "evolution": ("strategy_options={trials: 4, population_size: 2, sample_size: 1}",),
     "nni_random": ("strategy_options.trials=4",),
 }
 

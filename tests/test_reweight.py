@@ -45,7 +45,7 @@ def _half_selection(model: torch.nn.Module, space):
 
 @pytest.fixture(scope="module")
 def vit() -> dict:
-    """A tiny ViT trained ~2 s on digits, its space, a 50% magnitude selection and data splits."""
+    """A tiny ViT trained ~1.5 s on digits, its space, a 50% magnitude selection and data splits."""
     x, y = _digits()
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(x), generator=gen)
@@ -64,7 +64,7 @@ def vit() -> dict:
     )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     model.train()
-    for _ in range(300):
+    for _ in range(200):
         idx = train[torch.randint(len(train), (128,), generator=gen)]
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
@@ -234,7 +234,7 @@ def test_swin() -> None:
         pruned = materialize(dense, space, selection)
         before = block_output_error(dense, pruned, space, held)
         report = reweight(
-            dense, pruned, space, calib, ReweightConfig(mode=mode, scale_steps=40, scale_lr=2e-2)
+            dense, pruned, space, calib, ReweightConfig(mode=mode, scale_steps=20, scale_lr=4e-2)
         )
         errors[mode] = (before, block_output_error(dense, pruned, space, held))
         assert list(report.layers) == list(space.layers)

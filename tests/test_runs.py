@@ -90,6 +90,14 @@ def test_restart_redoes_the_changed_stage_and_keeps_the_earlier_ones(finished, t
         assert result["config"]["throughput_batch"] == 4
 
 
+def test_throughput_rounds_are_an_evaluate_setting(finished, tmp_path, capsys) -> None:
+    run = _copy(finished, tmp_path)
+    (run / "result.json").unlink()
+    assert main(_search_args(tmp_path, "budget=0.6", "throughput_rounds=3")) == 2
+    err = _err(capsys)
+    assert "stage 'evaluate' was run with other settings" in err and "throughput_rounds: 2 -> 3" in err
+
+
 def test_removed_output_redoes_only_that_stage(finished, tmp_path) -> None:
     run = _copy(finished, tmp_path)
     kept = _bytes(run, "search.json", "reweight.json", "finetune.json", "model/model.safetensors")

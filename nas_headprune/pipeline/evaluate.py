@@ -58,6 +58,7 @@ def stage_evaluate(
         run.size,
         batch_size=cfg.throughput_batch,
         device=run.device,
+        iters=cfg.throughput_rounds,
     )
     pruned_macs = measure_macs(pruned, run.size)
     arch = searched.selection.architecture()

@@ -133,6 +133,9 @@ def _pipeline(run: RunState) -> dict[str, Any]:
         "data": {k: run.resolved["data"][k] for k in ("test_subset", "eval_batch_size")},
         "throughput_batch": cfg.throughput_batch,
     }
+    if cfg.throughput_rounds != RunConfig.model_fields["throughput_rounds"].default:  # absent at the default,
+        # so older run folders keep their fingerprints
+        evaluate_inputs["throughput_rounds"] = cfg.throughput_rounds
     if cfg.budget_kind == "latency":
         evaluate_inputs["latency_check_rounds"] = cfg.latency.check_rounds
     # every recorded stage is checked against this config before any work (and before data loads)
