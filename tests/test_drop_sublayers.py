@@ -262,7 +262,7 @@ def test_latency_table_times_dropped_layers_with_their_norms() -> None:
     model, space = _setup("vit")
     grid = grid_widths(space.dims["blocks.0.mlp:hidden"], 3)  # 0 and 3 kept widths, both ends
     assert len(grid) == 4 and grid[:2] == [0, 1] and grid[-1] == 96
-    table = measure_table(model, space, batch_size=1, threads=1, points=2, rounds=1, warmup=0)
+    table = measure_table(model, space, batch_size=1, threads=1, points=2, rounds=3, warmup=0)
     for name, layer in space.layers.items():
         kind = HEADS if layer.kind == "attention" else "hidden"
         axis = table.layers[name].kinds.index(kind)
