@@ -80,6 +80,13 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _mean_sd(xs: list[float], digits: int) -> str:
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.{digits}f} ± {sd:.{digits}f}"
+
+
 def report(
     runs: dict[tuple[str, int], dict[str, Any]], seeds: list[int], argv: list[str], wall: float
 ) -> str:
@@ -141,13 +148,7 @@ def report(
         vals = [v for v in (_top1(r, "val") for r in records) if v is not None]
         tests = [v for v in (_top1(r, "test") for r in records) if v is not None]
 
-        def mean_sd(xs: list[float], digits: int) -> str:
-            if not xs:
-                return "-"
-            sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-            return f"{statistics.mean(xs):.{digits}f} ± {sd:.{digits}f}"
-
-        lines.append(f"| {variant} | {mean_sd(checks, 3)} | {mean_sd(vals, 2)} | {mean_sd(tests, 2)} |")
+        lines.append(f"| {variant} | {_mean_sd(checks, 3)} | {_mean_sd(vals, 2)} | {_mean_sd(tests, 2)} |")
     dense = runs[(next(iter(VARIANTS)), seeds[0])]["result"]["dense"]
     dense_val = dense.get("val_top1")
     lines += ["", f"Dense: top-1 {_fmt(dense_val)} (val), {_fmt(dense.get('top1'))} (test).", ""]

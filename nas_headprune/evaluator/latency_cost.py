@@ -108,11 +108,12 @@ class LatencyTable:
         the secant of the real curve, where the two-ends calibration is its chord over the whole range.
         ``None`` when the two points cannot fix a line (``arch`` saves nothing in the layers' own
         times, or was not measured faster than dense)."""
-        saved = self.layer_sum(space, space.dense()) - self.layer_sum(space, arch)
+        dense_sum = self.layer_sum(space, space.dense())
+        saved = dense_sum - self.layer_sum(space, arch)
         if not (0.0 < fraction < 1.0) or saved <= 0.0:
             return None
         scale = self.dense_ms * (1.0 - fraction) / saved
-        fixed = self.dense_ms - scale * self.layer_sum(space, space.dense())
+        fixed = self.dense_ms - scale * dense_sum
         return replace(self, scale=scale, fixed_ms=fixed)
 
     def to_dict(self) -> dict[str, Any]:

@@ -166,9 +166,7 @@ def layer_errors(
     """Per layer, ``||Y - Y_hat|| / ||Y||`` over every token of ``batches`` (for a layer the pruned
     model dropped whole, ``Y_hat`` is its constant output)."""
     names = consumers(space)
-    dropped = _dropped(pruned, names)
-    _check_models(dense, pruned, {n: c for n, c in names.items() if n not in dropped})
-    outputs = {name: name if name in dropped else cons for name, cons in names.items()}
+    _, _, outputs = _split_dropped(dense, pruned, names)
     with _prepared(dense, device), _prepared(pruned, device), torch.no_grad():
         return _relative(_error_sums(dense, pruned, names, batches, device, outputs))
 
@@ -195,11 +193,7 @@ def reweight(
             "reweight modifies `pruned` in place: pass the materialised copy, not the dense model"
         )
     names = consumers(space)
-    dropped = _dropped(pruned, names)
-    kept = {name: cons for name, cons in names.items() if name not in dropped}
-    _check_models(dense, pruned, kept)
-    # a dropped layer's output is the constant module's (compared with the dense consumer's output)
-    outputs = {name: name if name in dropped else cons for name, cons in names.items()}
+    dropped, kept, outputs = _split_dropped(dense, pruned, names)
     report = ReweightReport(mode=cfg.mode)
     with _prepared(dense, device), _prepared(pruned, device):
         with torch.no_grad():
@@ -238,6 +232,19 @@ def _dropped(pruned: nn.Module, names: Mapping[str, str]) -> set[str]:
         if isinstance(module, DroppedSublayer):
             out.add(name)
     return out
+
+
+def _split_dropped(
+    dense: nn.Module, pruned: nn.Module, names: Mapping[str, str]
+) -> tuple[set[str], dict[str, str], dict[str, str]]:
+    """``names`` split by what ``pruned`` did with each layer: the layers it dropped whole, the kept
+    ones (``{layer: consumer}``, checked in both models), and per layer the pruned module whose output
+    is compared with the dense consumer's (a dropped layer's constant module, else the consumer)."""
+    dropped = _dropped(pruned, names)
+    kept = {name: cons for name, cons in names.items() if name not in dropped}
+    _check_models(dense, pruned, kept)
+    outputs = {name: name if name in dropped else cons for name, cons in names.items()}
+    return dropped, kept, outputs
 
 
 def _fit_constants(
