@@ -6,17 +6,19 @@ In one run, at 50% of the dense MACs unless a variant says otherwise, with torch
 
 - **Models.** The embedded Fashion-MNIST ViT (trained) and ``deit_tiny_patch16_224`` at 224x224
   (random weights), pruned by this project's ``magnitude`` and ``taylor`` strategies in these
-  variants (``VARIANTS``): ``math path`` (the default architecture with unequal-width layers forced
-  onto the math path, which is what ran before the padded path existed), ``default`` (the default
-  architecture, attention paths as chosen at materialisation), ``tie_qk_v``
-  (``strategy_options.tie_qk_v=true``), ``tie_qk_v + step 8`` (and ``width_step=8``),
+  variants (``VARIANTS``): ``default`` (the strategy's defaults: magnitude ties q/k and v widths in
+  steps of 8, taylor chooses them freely), ``free widths`` (``strategy_options.tie_qk_v=false``,
+  ``width_step=1``), ``tie_qk_v + step 8`` (``tie_qk_v=true``, ``width_step=8``),
   ``tie_qk_v + step 8 + heads`` (and ``space.prune_heads=true``: layers may drop whole heads), and
   two latency budgets instead of the MACs budget: ``latency b64 0.5`` (``budget_kind=latency``, half
-  the dense latency at batch 64) and ``latency b1 0.85`` (85% of it at batch 1). ``latency b1 0.5``
-  is run too and reported as refused when its budget is below the smallest architecture's latency
-  (what the search says, with both fractions). Next to them Torch-Pruning 1.6.1's
-  global head-dim pruning with L2 and with Taylor importance at the same MACs (bisection on its
-  pruning ratio; benchmark-only extra ``bench``, see ``benchmarks/_torch_pruning_glue.py``).
+  the dense latency at batch 64) and ``latency b1 0.85`` (85% of it at batch 1). A variant equal to
+  a strategy's defaults is not run twice (``variants_of``). ``math path (free widths)`` is the free
+  architecture with its unequal-width layers forced onto the math path, which is what ran before the
+  padded path existed. ``latency b1 0.5`` is run too and reported as refused when its budget is
+  below the smallest architecture's latency (what the search says, with both fractions). Next to
+  them Torch-Pruning 1.6.1's global head-dim pruning with L2 and with Taylor importance at the same
+  MACs (bisection on its pruning ratio; benchmark-only extra ``bench``, see
+  ``benchmarks/_torch_pruning_glue.py``).
 - **Speed.** Throughput ratios pruned / dense at batch 1 and 64, every model of one table timed
   interleaved (``nas_headprune.evaluator.metrics.measure_throughput``: rotated order per round,
   medians), next to the ideal ratio dense MACs / pruned MACs (both counted by ``measure_macs``).
@@ -70,14 +72,14 @@ from nas_headprune.io import load_pruned  # noqa: E402
 from nas_headprune.models.factory import create_model  # noqa: E402
 from nas_headprune.registry import make_strategy  # noqa: E402
 from nas_headprune.space import build_space  # noqa: E402
-from nas_headprune.strategy import SearchContext, validate_result  # noqa: E402
+from nas_headprune.strategy import SearchContext, resolve_width_step, validate_result  # noqa: E402
 
 BUDGET = 0.5
 STRATEGIES = ("magnitude", "taylor")
 #: our variants: name -> config overrides on top of ``budget=0.5`` (the default config otherwise)
 VARIANTS: dict[str, list[str]] = {
     "default": [],
-    "tie_qk_v": ["strategy_options.tie_qk_v=true"],
+    "free widths": ["strategy_options.tie_qk_v=false", "strategy_options.width_step=1"],
     "tie_qk_v + step 8": ["strategy_options.tie_qk_v=true", "strategy_options.width_step=8"],
     "tie_qk_v + step 8 + heads": [
         "strategy_options.tie_qk_v=true",
@@ -95,6 +97,41 @@ REFUSED_VARIANTS: dict[str, list[str]] = {
 #: the latency table settings of the deit_tiny rows (fewer grid points and rounds: 224x224 is slow)
 DEIT_LATENCY = {"points": 4, "rounds": 7, "warmup": 2}
 MATH = "math path"
+#: the variant whose architecture the ``math path`` row times: free widths are the unequal ones
+MATH_OF = "free widths"
+
+
+def _resolved(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The strategy's options on the CPU with a default ``width_step`` spelled out (both models'
+    dimensions are at least two steps wide, where a default step and the same step set explicitly
+    give the same widths)."""
+    cfg = make_strategy(strategy, options).config
+    out = cfg.model_dump()
+    if "width_step" in out:
+        out["width_step"] = resolve_width_step(cfg.width_step, "cpu", cfg.cpu_width_step)
+    return out
+
+
+def variants_of(strategy: str) -> list[str]:
+    """The variants run for ``strategy``: every one of ``VARIANTS`` except those that only set
+    strategy options equal to the strategy's defaults (magnitude's ``tie_qk_v + step 8``,
+    taylor's ``free widths``), which would repeat the ``default`` row."""
+    default = _resolved(strategy, {})
+    out = []
+    for name, overrides in VARIANTS.items():
+        cfg = load_config("default", [f"strategy={strategy}", *overrides])
+        only_options = all(o.startswith("strategy_options.") for o in overrides)
+        if name != "default" and only_options and _resolved(strategy, cfg.strategy_options) == default:
+            continue
+        out.append(name)
+    return out
+
+
+def math_source(strategy: str) -> str:
+    """The variant whose architecture the strategy's ``math path`` row forces onto the math path."""
+    return MATH_OF if MATH_OF in variants_of(strategy) else "default"
+
+
 TP_IMPORTANCES = {
     "l2": "Torch-Pruning L2 head-dim, global",
     "taylor": "Torch-Pruning Taylor head-dim, global",
@@ -271,7 +308,7 @@ def embedded_rows(
                     pipeline_job, strategy, variant, seeds[0], str(root)
                 )
         for strategy in STRATEGIES:
-            for variant in VARIANTS:
+            for variant in variants_of(strategy):
                 for seed in seeds:
                     if (_folder(root, strategy, variant, seed) / "result.json").is_file():
                         reused.append(_folder(root, strategy, variant, seed).name)
@@ -291,11 +328,11 @@ def embedded_rows(
     dense.eval()
     out: list[Row] = []
     for strategy in STRATEGIES:
-        for variant in VARIANTS:
+        for variant in variants_of(strategy):
             model = load_pruned(_folder(root, strategy, variant, seeds[0]) / "model").eval()
             acc = {seed: results[strategy, variant, seed] for seed in seeds}
-            if variant == "default":
-                out.append(Row(strategy, MATH, _force_math(model), acc))
+            if variant == math_source(strategy):
+                out.append(Row(strategy, f"{MATH} ({variant})", _force_math(model), acc))
             out.append(Row(strategy, variant, model, acc, results[strategy, variant, seeds[0]]["latency"]))
     _, _, _, calib, size = _data(seeds[0])
     for importance, label in TP_IMPORTANCES.items():
@@ -328,7 +365,8 @@ def deit_rows(log: Any, cache: Path) -> tuple[nn.Module, tuple[int, ...], list[R
     base_space = build_space(dense, size)
     out: list[Row] = []
     for strategy in STRATEGIES:
-        for variant, overrides in VARIANTS.items():
+        for variant in variants_of(strategy):
+            overrides = VARIANTS[variant]
             t0 = time.perf_counter()
             # the variant's overrides read as a run config reads them (typed and validated)
             cfg = load_config("default", [f"budget={BUDGET}", *overrides])
@@ -363,8 +401,8 @@ def deit_rows(log: Any, cache: Path) -> tuple[nn.Module, tuple[int, ...], list[R
                     "predicted_fraction": predicted,
                 }
             model = materialize(dense, space, selection).eval()
-            if variant == "default":
-                out.append(Row(strategy, MATH, _force_math(model)))
+            if variant == math_source(strategy):
+                out.append(Row(strategy, f"{MATH} ({variant})", _force_math(model)))
             out.append(Row(strategy, variant, model, latency=latency))
             log(f"  deit {strategy} {variant}: {time.perf_counter() - t0:.0f} s")
     for importance, label in TP_IMPORTANCES.items():
@@ -468,7 +506,7 @@ def architectures(rows: list[Row]) -> list[str]:
         "| --- | --- | --- |",
     ]
     for row in rows:
-        if row.options == MATH:
+        if row.options.startswith(MATH):
             continue
         parts = []
         for block in getattr(row.model, "blocks", []):
@@ -561,7 +599,13 @@ def main(argv: list[str] | None = None) -> int:
         "Speed-ups are pruned / dense throughput (medians of interleaved rounds); ideal is dense MACs / "
         "pruned MACs. Accuracy: top-1 (%) on the 10k Fashion-MNIST test set, mean ± standard "
         f"deviation over seeds {', '.join(map(str, args.seeds))}; the timed models are the seed-"
-        f"{args.seeds[0]} ones.",
+        f"{args.seeds[0]} ones. A variant that only sets a strategy's own defaults is not run twice: "
+        + "; ".join(
+            f"{s}'s `default` is also {', '.join(f'`{v}`' for v in VARIANTS if v not in variants_of(s))}"
+            for s in STRATEGIES
+            if len(variants_of(s)) < len(VARIANTS)
+        )
+        + f". `{MATH} (...)` rows force the named variant's unequal-width layers onto the math path.",
         "",
     ]
     report = "\n".join(header + text)

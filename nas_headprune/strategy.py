@@ -41,12 +41,18 @@ if TYPE_CHECKING:
     from nas_headprune.space import HeadSpace, Selection
 
 
-def resolve_width_step(step: int | None, device: str) -> int:
+#: a default width step (one the user did not set) applies to the dimensions that hold at least
+#: this many steps; narrower ones step by 1, so that a head of 8 channels under a step of 8 is not
+#: kept whole for want of a smaller multiple
+DEFAULT_STEP_MIN_STEPS = 2
+
+
+def resolve_width_step(step: int | None, device: str, cpu_default: int = 1) -> int:
     """A strategy's ``width_step``: as configured, or by default 8 on CUDA (tensor cores run
-    matrix products of multiples of 8 fastest) and 1 on every other device."""
+    matrix products of multiples of 8 fastest) and ``cpu_default`` on every other device."""
     if step is not None:
         return step
-    return 8 if str(device).startswith("cuda") else 1
+    return 8 if str(device).startswith("cuda") else cpu_default
 
 
 class StrategyConfig(BaseModel):
@@ -57,15 +63,27 @@ class StrategyConfig(BaseModel):
 
 class WidthConfig(StrategyConfig):
     """The widths a strategy may choose: the step and the minimum (for every strategy that builds
-    architectures; applied with :meth:`~nas_headprune.space.HeadSpace.with_step`)."""
+    architectures; applied with :meth:`stepped`)."""
+
+    #: the default ``width_step`` off CUDA; a strategy whose widths were chosen for speed raises it
+    cpu_width_step: ClassVar[int] = 1
 
     width_step: int | None = Field(
         None,
         ge=1,
         description="per-head widths are multiples of this; default (null): 8 on CUDA, where tensor "
-        "cores want multiples of 8, and 1 elsewhere",
+        "cores want multiples of 8, and 1 elsewhere (a default step skips dimensions narrower than two "
+        "steps)",
     )
     min_width: int = Field(1, ge=1, description="smallest per-head width / MLP width kept")
+
+    def stepped(self, space: HeadSpace, device: str) -> HeadSpace:
+        """``space`` with this config's widths (:meth:`~nas_headprune.space.HeadSpace.with_step`).
+        A step set in the config applies to every dimension; the default one only to dimensions of
+        at least :data:`DEFAULT_STEP_MIN_STEPS` steps, the others step by 1."""
+        step = resolve_width_step(self.width_step, device, self.cpu_width_step)
+        min_steps = 1 if self.width_step is not None else DEFAULT_STEP_MIN_STEPS
+        return space.with_step(step, self.min_width, min_steps=min_steps)
 
 
 class ScoringConfig(WidthConfig):
@@ -295,7 +313,7 @@ class ScoringStrategy(Strategy[ScoringConfigT]):
         channels = replace(ctx, space=ctx.space.without_heads()) if ctx.space.has_heads else ctx
         scores = head_scores(ctx.space, self.score(channels))
         cfg = self.config
-        space = ctx.space.with_step(resolve_width_step(cfg.width_step, ctx.device), cfg.min_width)
+        space = cfg.stepped(ctx.space, ctx.device)
         latency_ms = ctx.target_latency_ms
         if latency_ms is not None:  # score lost per millisecond saved, against the measured table
             arch = allocate(

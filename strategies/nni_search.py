@@ -43,7 +43,6 @@ from nas_headprune.strategy import (
     Strategy,
     StrategyConfig,
     WidthConfig,
-    resolve_width_step,
 )
 
 log = logging.getLogger(__name__)
@@ -151,7 +150,7 @@ class _NniSearch(Strategy[NniConfigT]):
         from nni.nas.space import RawFormatModelSpace
 
         fit, held = _split_calibration(self.name, ctx, cfg)
-        space = ctx.space.with_step(resolve_width_step(cfg.width_step, ctx.device), cfg.min_width)
+        space = cfg.stepped(ctx.space, ctx.device)
         exported = to_nni(space, ctx.target_macs, prior=cfg.prior)
         rejected: set[tuple] = set()
         budget_constraint(exported).observer = lambda sample, macs: rejected.add(

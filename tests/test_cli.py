@@ -119,7 +119,7 @@ def test_strategies_and_config_commands(capsys) -> None:
         "allocation": "global",
         "width_step": None,
         "min_width": 1,
-        "tie_qk_v": False,
+        "tie_qk_v": True,
         "norm": "l1",
     }
     assert main(["config", "--strategy", "magnitude", "--schema"]) == 0

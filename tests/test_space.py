@@ -70,6 +70,17 @@ def test_width_step(vit):
         assert all(arch[k] % 4 == 0 or arch[k] == d.max_width for k, d in stepped.dims.items())
 
 
+def test_width_step_skips_dimensions_narrower_than_min_steps(vit):
+    _, space = vit
+    widths = {k: d.max_width for k, d in space.dims.items()}
+    assert widths["blocks.0.attn:qk"] == 12 and widths["blocks.0.mlp:hidden"] >= 16
+    stepped = space.with_step(8, min_steps=2)
+    assert stepped.dims["blocks.0.attn:qk"].step == 1  # 12 < 2 x 8: every width stays allowed
+    assert stepped.dims["blocks.0.attn:qk"].allowed() == list(range(1, 13))
+    assert stepped.dims["blocks.0.mlp:hidden"].step == 8
+    assert space.with_step(8).dims["blocks.0.attn:qk"].allowed() == [8, 12]  # min_steps 1: all step
+
+
 def test_sample_is_seeded_and_valid(vit):
     _, space = vit
     a, b, c = space.sample(3), space.sample(3), space.sample(random.Random(4))

@@ -134,10 +134,29 @@ def test_width_step_defaults_to_8_on_cuda_and_1_elsewhere() -> None:
     from nas_headprune.strategy import resolve_width_step
 
     assert resolve_width_step(None, "cuda") == resolve_width_step(None, "cuda:1") == 8
-    assert resolve_width_step(None, "cpu") == 1
+    assert resolve_width_step(None, "cpu") == 1 and resolve_width_step(None, "cpu", cpu_default=8) == 8
     assert resolve_width_step(4, "cuda") == 4 and resolve_width_step(3, "cpu") == 3
     ctx = tiny_context()
-    for name in ("magnitude", "taylor"):
-        selection = make_strategy(name, {}).search(ctx).selection
-        widths = {k: v.shape[-1] for k, v in selection.items()}
-        assert any(w % 8 for w in widths.values())  # width step 1 on the CPU: any width may come out
+    selection = make_strategy("taylor", {}).search(ctx).selection
+    widths = {k: v.shape[-1] for k, v in selection.items()}
+    assert any(w % 8 for w in widths.values())  # width step 1 on the CPU: any width may come out
+
+
+def test_magnitude_defaults_to_tied_widths_in_steps_of_8_where_dimensions_are_wide_enough() -> None:
+    """Magnitude's default widths (chosen for speed on the validation split, docs/speed.md): q/k and
+    v tied, steps of 8 on every device, except in dimensions narrower than two steps, whose widths
+    step by 1 (the tiny ViT's heads have 8 channels, its MLPs 64 units)."""
+    ctx = tiny_context(budget=0.5)
+    assert {d.max_width for k, d in ctx.space.dims.items() if k.endswith((":qk", ":v"))} == {8}
+    arch = make_strategy("magnitude", {}).search(ctx).selection.architecture()
+    mlp = [arch[k] for k in ctx.space.dims if k.endswith(":hidden")]
+    assert mlp and all(w % 8 == 0 for w in mlp)
+    attn = [k[: -len(":qk")] for k in ctx.space.dims if k.endswith(":qk")]
+    assert all(arch[f"{a}:qk"] == arch[f"{a}:v"] for a in attn)
+    assert any(arch[f"{a}:qk"] < 8 for a in attn)  # the 8-wide heads were narrowed, in steps of 1
+    free = make_strategy("magnitude", {"tie_qk_v": False, "width_step": 1}).search(ctx).selection
+    assert free.architecture() != arch  # the options reach the allocator
+    # a step set explicitly applies to every dimension: the heads stay whole (so 0.5 is out of reach)
+    wide = tiny_context(budget=0.7)
+    explicit = make_strategy("magnitude", {"width_step": 8}).search(wide).selection.architecture()
+    assert all(explicit[f"{a}:qk"] == 8 for a in attn)

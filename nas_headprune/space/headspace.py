@@ -75,8 +75,10 @@ class HeadSpace:
         shown = ", ".join(known[:6]) + (f", ... ({len(known)} in all)" if len(known) > 6 else "")
         return f"unknown layer label {label!r}; this space has: {shown}"
 
-    def with_step(self, step: int, min_width: int | None = None) -> HeadSpace:
-        """A copy whose attention widths are rounded to ``step`` (e.g. 8 for GPU speed)."""
+    def with_step(self, step: int, min_width: int | None = None, *, min_steps: int = 1) -> HeadSpace:
+        """A copy whose widths are multiples of ``step`` (e.g. 8 for GPU speed). A dimension whose
+        dense width is under ``min_steps`` steps keeps step 1 (with ``min_steps=2`` a head of 8
+        channels under step 8 can still be narrowed)."""
         if step < 1:
             raise ArchitectureError(f"width step must be >= 1, got {step}")
         layers = {}
@@ -87,7 +89,8 @@ class HeadSpace:
                     dims[k] = d
                     continue
                 lo = max(min_width or d.min_width, 1)
-                dims[k] = replace(d, min_width=min(lo, d.max_width), step=step)
+                each = step if d.max_width >= min_steps * step else 1
+                dims[k] = replace(d, min_width=min(lo, d.max_width), step=each)
             layers[name] = replace(layer, dims=dims)
         return HeadSpace(layers, self.input_size, self.fixed_macs, self.fixed_params, self.skipped)
 

@@ -30,7 +30,6 @@ from nas_headprune.strategy import (
     SearchContext,
     SearchResult,
     Strategy,
-    resolve_width_step,
 )
 
 from .config import (
@@ -96,7 +95,7 @@ class SimilarityIndicator(Strategy[SimilarityIndicatorConfig]):
                 "similarity_indicator cannot drop whole sublayers (space.drop_sublayers: true); use a "
                 "scoring strategy, e.g. magnitude, taylor or random, or space.drop_sublayers: false"
             )
-        space = ctx.space.with_step(resolve_width_step(cfg.width_step, ctx.device), cfg.min_width)
+        space = cfg.stepped(ctx.space, ctx.device)
         check_reachable(space, ctx.target_macs)
         dev = torch.device(ctx.device)
         forked = (
