@@ -236,6 +236,7 @@ def test_shards_write_separate_stores_that_report_merges(tmp_path, capsys):
     assert "| magnitude | 0.5 |" in md and "| random | 0.5 |" in md
 
 
+@pytest.mark.slow
 def test_parallel_workers_finish_every_trial(tmp_path):
     spec = tiny_spec(strategies=["magnitude", "random"], seeds=[0])
     outcome = run_ablation(spec, tmp_path / "ab", workers=2, progress=False)
@@ -244,6 +245,7 @@ def test_parallel_workers_finish_every_trial(tmp_path):
     assert all((tmp_path / "ab" / "runs" / r["trial_id"] / "result.json").is_file() for r in rows)
 
 
+@pytest.mark.slow
 def test_killed_ablation_resumes_with_the_missing_trials_only(tmp_path, capsys):
     spec_file = write_spec(tmp_path / "t.yaml", strategies=["magnitude"], seeds=[0, 1, 2])
     out = tmp_path / "ab"
@@ -352,6 +354,7 @@ def test_equal_steps_split_into_equal_epochs_that_fit_one_epoch() -> None:
     assert "finetune.epochs=7" in overrides and "finetune.max_steps_per_epoch=1" in overrides
 
 
+@pytest.mark.slow
 def test_a_trial_that_trains_other_than_equal_steps_fails(tmp_path) -> None:
     # 256 training images in batches of 64: an epoch has 4 steps, so one epoch cannot give 10
     spec = tiny_spec(strategies=["magnitude"], seeds=[0], equal_steps=10)

@@ -467,3 +467,32 @@ def test_decoded_idx_files_are_kept_until_the_file_changes(tmp_path) -> None:
     assert np.array_equal(fm._read_idx(path, 0x0803), second)
     with pytest.raises(DataNotFoundError, match="cannot read IDX file"):
         fm._read_idx(tmp_path / "missing.gz", 0x0803)
+
+
+def test_normalised_splits_are_kept_until_the_files_change(tmp_path) -> None:
+    from nas_headprune.config import DataConfig
+    from nas_headprune.datasets.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from nas_headprune.datasets.tensors import to_tensors
+
+    arrays = _write_fashion(tmp_path / "fm", compress=False)
+    cfg = DataConfig(root=str(tmp_path / "fm"))
+
+    def load() -> tuple[torch.Tensor, ...]:
+        train, test = data.load_datasets(cfg).train, data.load_datasets(cfg).test
+        return (*train.tensors, *test.tensors)
+
+    first, again = load(), load()
+    assert all(a is b for a, b in zip(first, again, strict=True))  # converted once, shared
+    expected = to_tensors(
+        arrays["train_images"], arrays["train_labels"], FASHION_MNIST_MEAN, FASHION_MNIST_STD, 255.0
+    )
+    assert torch.equal(first[0], expected.tensors[0]) and torch.equal(first[1], expected.tensors[1])
+    # new contents in the same place (another size) are converted again
+    images = data.FASHION_MNIST_FILES["train_images"]
+    bigger = np.concatenate([arrays["train_images"], arrays["train_images"][:1]])
+    _write_idx(tmp_path / "fm" / images, bigger, 0x0803, False)
+    _write_idx(
+        tmp_path / "fm" / data.FASHION_MNIST_FILES["train_labels"], np.arange(len(bigger)) % 10, 0x0801, False
+    )
+    changed = load()
+    assert changed[0].shape[0] == len(bigger) and changed[0] is not first[0]

@@ -29,6 +29,7 @@ def _ablate(spec: Path, out: Path, *extra: str) -> list[str]:
     return ["ablate", str(spec), "--out", str(out), "--launcher", "submitit", "--no-progress", *extra]
 
 
+@pytest.mark.slow
 @needs_submitit
 def test_job_array_runs_every_trial_and_a_resubmission_skips_finished_ones(tmp_path, capsys, monkeypatch):
     spec = write_spec(tmp_path / "t.yaml", strategies=["magnitude", "random"], seeds=[0])

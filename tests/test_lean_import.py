@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+# one fresh interpreter imports the package and its plugins (about 9 s): started early under -n 2
+pytestmark = pytest.mark.slow
+
 _STEPS = """
 import json, sys
 

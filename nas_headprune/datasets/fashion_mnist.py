@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import TensorDataset
 
 from nas_headprune.config import DataConfig
@@ -69,6 +70,29 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
     except OSError as exc:
         raise DataNotFoundError(f"cannot read IDX file {path}: {exc}; delete it and fetch it again") from exc
     return _read_idx_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected_magic)
+
+
+def _normalised(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split as float images normalised with the Fashion-MNIST mean and std, and int64 labels.
+
+    Kept for the process's life like the arrays they come from (keyed by both files' path, size and
+    modification time): the tensors are shared by every load in the process, and nothing in the
+    project writes into them (subsets and batches are copies)."""
+    keys = []
+    for path, magic in ((images_path, _IDX_IMAGES_MAGIC), (labels_path, _IDX_LABELS_MAGIC)):
+        stat = path.stat()
+        keys.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns, magic))
+    return _normalised_cached(keys[0], keys[1])
+
+
+@functools.lru_cache(maxsize=2)
+def _normalised_cached(
+    images: tuple[str, int, int, int], labels: tuple[str, int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = to_tensors(
+        _read_idx_cached(*images), _read_idx_cached(*labels), FASHION_MNIST_MEAN, FASHION_MNIST_STD, 255.0
+    )
+    return ds.tensors[0], ds.tensors[1]
 
 
 @functools.lru_cache(maxsize=8)
@@ -248,5 +272,5 @@ def load_fashion_mnist(
                 images.shape[0],
                 _FASHION_MNIST_SIZES[split],
             )
-        splits.append(to_tensors(images, labels, FASHION_MNIST_MEAN, FASHION_MNIST_STD, 255.0))
+        splits.append(TensorDataset(*_normalised(images_path, labels_path)))
     return splits[0], splits[1]
