@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Mapping
-from typing import Literal, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 
@@ -19,6 +19,7 @@ from nas_headprune.evaluator.cost import analytic_cost
 from nas_headprune.space import HEADS, Architecture, DimSpec, HeadSpace, split_label
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
 
 
 class CostModel(Protocol):
@@ -182,6 +183,47 @@ def _head_order(space: HeadSpace, scores: Mapping[str, torch.Tensor]) -> dict[st
     return order
 
 
+def narrow_greedily(
+    units: Iterable[K],
+    candidate: Callable[[K], tuple[float, float, int] | None],
+    step: Callable[[K, int], Iterable[K]],
+    total: float,
+    target: float,
+    rank: Callable[[K], Any] | None = None,
+) -> float:
+    """The greedy trim: while ``total`` is above ``target``, take the unit whose next step has the
+    smallest ``candidate(unit)[0]`` (score lost per unit of cost saved; ties go to the smallest
+    ``rank(unit)``, by default the unit itself) and apply it with ``step(unit, new_width)``, which
+    returns the units whose candidates that changed. ``candidate`` gives ``(key, cost saved, new
+    width)``, or None for a unit that cannot narrow. Returns the cost left. Used by
+    :func:`global_by_score_per_mac` and by ``similarity_indicator``'s budget fix-up."""
+    order: Callable[[K], Any] = rank if rank is not None else (lambda unit: unit)
+    heap: list[tuple[float, Any, int, int]] = []
+    keys = list(units)
+    index = {unit: i for i, unit in enumerate(keys)}  # a heap entry names its unit by position
+    version = [0] * len(keys)
+    for i, unit in enumerate(keys):
+        c = candidate(unit)
+        if c is not None:
+            heapq.heappush(heap, (c[0], order(unit), i, 0))
+    while total > target and heap:
+        _, _, i, ver = heapq.heappop(heap)
+        if ver != version[i]:
+            continue
+        c = candidate(keys[i])
+        if c is None:
+            continue
+        _, saved, new_w = c
+        total -= saved
+        for other in step(keys[i], new_w):
+            j = index[other]
+            version[j] += 1
+            nc = candidate(other)
+            if nc is not None:
+                heapq.heappush(heap, (nc[0], order(other), j, version[j]))
+    return total
+
+
 def global_by_score_per_mac(
     space: HeadSpace,
     scores: Mapping[str, torch.Tensor],
@@ -238,28 +280,11 @@ def global_by_score_per_mac(
             lost = sum(float(ranked[label][rows, new_w:w].sum()) for label in group)
         return (lost / max(saved, 1e-12), saved, new_w)
 
-    heap: list[tuple[float, str, int]] = []
-    version = dict.fromkeys(groups, 0)
-    for key in groups:
-        c = candidate(key)
-        if c is not None:
-            heapq.heappush(heap, (c[0], key, 0))
-    while total > target and heap:
-        _, key, ver = heapq.heappop(heap)
-        if ver != version[key]:
-            continue
-        c = candidate(key)
-        if c is None:
-            continue
-        _, saved, new_w = c
+    def step(key: str, new_w: int) -> list[str]:
         widths.update(dict.fromkeys(groups[key], new_w))
-        total -= saved
-        version[key] += 1
-        for other in groups_of_layer[layer_of[key]]:  # a layer's other units' savings changed too
-            version[other] += 1 if other != key else 0
-            nc = candidate(other)
-            if nc is not None:
-                heapq.heappush(heap, (nc[0], other, version[other]))
+        return groups_of_layer[layer_of[key]]  # the layer's units, whose savings changed
+
+    narrow_greedily(groups, candidate, step, total, target)
     arch = Architecture(widths)
     if cost.total(space, arch) > target:  # pragma: no cover - guarded by reachability
         raise BudgetError("global allocation could not meet the budget")

@@ -315,6 +315,60 @@ def test_fit_budget_removes_the_lowest_score_per_mac_head_balanced() -> None:
     assert widths["blocks.1.attn:v"] < widths["blocks.0.attn:v"]
 
 
+def _fit_budget_by_scan(space, scores, arch, target):
+    """fit_budget's rule written as a plain scan: every step, look at every dimension in the space's
+    order and take the first with the smallest score lost per MAC saved; recount the MACs."""
+    from nas_headprune.space import HEADS
+
+    widths = dict(arch)
+    ranked = {
+        k: torch.sort(scores[k].double().reshape(d.heads, d.max_width), dim=1, descending=True).values
+        for k, d in space.dims.items()
+    }
+    while float(analytic_cost(space, widths).macs) > target:
+        best = None
+        for label, d in space.dims.items():
+            smaller = [a for a in d.allowed() if a < widths[label]]
+            if not smaller:
+                continue
+            layer = space.layer_of(label)
+            cur = {k: widths[dd.label] for k, dd in layer.dims.items()}
+            saved = float(layer.macs(cur)) - float(layer.macs({**cur, d.kind: smaller[-1]}))
+            lost = float(ranked[label][:, smaller[-1] : widths[label]].sum())
+            if d.kind == HEADS:
+                lost *= sum(cur[dd.kind] for dd in layer.head_channel_dims())
+            key = lost / max(saved, 1e-12)
+            if best is None or key < best[0]:
+                best = (key, label, smaller[-1])
+        assert best is not None
+        widths[best[1]] = best[2]
+    return widths
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_fit_budget_equals_a_plain_scan_with_ties(heads: bool) -> None:
+    """The shared greedy trim gives fit_budget's steps, ties included (integer scores tie often),
+    from dense and from narrower starting widths."""
+    ctx = tiny_context()
+    space = ctx.space.with_heads() if heads else ctx.space
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        scores = {
+            k: torch.randint(0, 3, (d.heads * d.max_width,), generator=g).float()
+            for k, d in space.dims.items()
+        }
+        start = space.sample(seed) if seed % 2 else space.dense()
+        for frac in (0.3, 0.6):
+            target = frac * ctx.dense_macs
+            if float(analytic_cost(space, space.smallest()).macs) > target:
+                continue
+            widths, removed = fit_budget(space, scores, start, target)
+            assert widths == _fit_budget_by_scan(space, scores, start, target)
+            assert len(removed) == sum(
+                sum(1 for a in space.dims[k].allowed() if w <= a < start[k]) for k, w in widths.items()
+            )
+
+
 def test_unreachable_budget_is_a_usage_error() -> None:
     from nas_headprune.allocate import BudgetError
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nas_headprune.allocate import BudgetError
+from nas_headprune.allocate import BudgetError, narrow_greedily
 from nas_headprune.errors import (
     ArchitectureError,
 )
@@ -101,8 +101,10 @@ def fit_budget(
 ) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Narrow ``arch`` one width step at a time, always the dimension losing the least score per MAC
     saved (the scores of the channels each head would give up; for a head count, the weakest kept
-    head's score times the channels each head keeps), until it costs at most ``target``. Returns the
-    widths and the steps taken."""
+    head's score times the channels each head keeps), until it costs at most ``target``; ties go to
+    the dimension first in the space. The allocator's greedy trim (:func:`narrow_greedily`) with the
+    indicator values as they are, from ``arch`` instead of the dense widths. Returns the widths and
+    the steps taken."""
     widths = dict(arch)
     ranked = {
         label: torch.sort(
@@ -111,30 +113,32 @@ def fit_budget(
         for label, d in space.dims.items()
     }
     removed: list[dict[str, Any]] = []
-    total = float(analytic_cost(space, widths).macs)
-    while total > target:
-        best: tuple[float, str, int, float] | None = None
-        for label, d in space.dims.items():
-            w = widths[label]
-            smaller = [a for a in d.allowed() if a < w]
-            if not smaller:
-                continue
-            new_w = max(smaller)
-            layer = space.layer_of(label)
-            cur = {k: widths[dd.label] for k, dd in layer.dims.items()}
-            saved = float(layer.macs(cur)) - float(layer.macs({**cur, d.kind: new_w}))
-            lost = float(ranked[label][:, new_w:w].sum())
-            if d.kind == HEADS:  # one head's score stands for all the channels the head keeps
-                lost *= sum(cur[dd.kind] for dd in layer.head_channel_dims())
-            key = lost / max(saved, _EPS)
-            if best is None or key < best[0]:
-                best = (key, label, new_w, saved)
-        if best is None:  # pragma: no cover - excluded by check_reachable
-            raise BudgetError("the budget cannot be met within the space's minimum widths")
-        _, label, new_w, saved = best
+    position = {label: i for i, label in enumerate(space.dims)}
+
+    def candidate(label: str) -> tuple[float, float, int] | None:
+        d, w = space.dims[label], widths[label]
+        smaller = [a for a in d.allowed() if a < w]
+        if not smaller:
+            return None
+        new_w = max(smaller)
+        layer = space.layer_of(label)
+        cur = {k: widths[dd.label] for k, dd in layer.dims.items()}
+        saved = float(layer.macs(cur)) - float(layer.macs({**cur, d.kind: new_w}))
+        lost = float(ranked[label][:, new_w:w].sum())
+        if d.kind == HEADS:  # one head's score stands for all the channels the head keeps
+            lost *= sum(cur[dd.kind] for dd in layer.head_channel_dims())
+        return (lost / max(saved, _EPS), saved, new_w)
+
+    def step(label: str, new_w: int) -> list[str]:
         removed.append({"label": label, "from": widths[label], "to": new_w})
         widths[label] = new_w
-        total = float(analytic_cost(space, widths).macs)
+        return [dd.label for dd in space.layer_of(label).dims.values()]
+
+    total = narrow_greedily(
+        space.dims, candidate, step, float(analytic_cost(space, widths).macs), target, position.__getitem__
+    )
+    if total > target:  # pragma: no cover - excluded by check_reachable
+        raise BudgetError("the budget cannot be met within the space's minimum widths")
     return widths, removed
 
 
