@@ -14,8 +14,9 @@ In one run, at 50% of the dense MACs unless a variant says otherwise, with torch
   the dense latency at batch 64) and ``latency b1 0.85`` (85% of it at batch 1). A variant equal to
   a strategy's defaults is not run twice (``variants_of``). ``math path (free widths)`` is the free
   architecture with its unequal-width layers forced onto the math path, which is what ran before the
-  padded path existed. ``latency b1 0.5`` is run too and reported as refused when its budget is
-  below the smallest architecture's latency (what the search says, with both fractions). Next to
+  padded path existed. ``latency b1 0.5`` is run too; a variant whose budget is below its space's
+  smallest architecture is reported as refused instead of a row (what the search says, with both
+  fractions). Next to
   them Torch-Pruning 1.6.1's global head-dim pruning with L2 and with Taylor importance at the same
   MACs (bisection on its pruning ratio; benchmark-only extra ``bench``, see
   ``benchmarks/_torch_pruning_glue.py``).
@@ -63,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _torch_pruning_glue import prune_at_ratio, prune_to_macs  # noqa: E402
 
+from nas_headprune.allocate import BudgetError  # noqa: E402
 from nas_headprune.config import load_config  # noqa: E402
 from nas_headprune.evaluator.latency import latency_table  # noqa: E402
 from nas_headprune.evaluator.materialize import materialize  # noqa: E402
@@ -221,14 +223,10 @@ def pipeline_job(strategy: str, variant: str, seed: int, root: str) -> dict[str,
         "progress=false",
         *(VARIANTS[variant] if variant in VARIANTS else REFUSED_VARIANTS[variant]),
     ]
-    from nas_headprune.allocate import BudgetError
-
     t0 = time.perf_counter()
     try:
         result = run_search(load_config("default", overrides), _folder(Path(root), strategy, variant, seed))
-    except BudgetError as exc:
-        if variant not in REFUSED_VARIANTS:
-            raise
+    except BudgetError as exc:  # the budget is below what the variant's space can reach
         return {"refused": str(exc), "seconds": time.perf_counter() - t0}
     latency = result.get("latency")
     return {
@@ -320,7 +318,7 @@ def embedded_rows(
             results[key] = job.result()
             if key[0] == "tp" and results[key].get("reused"):
                 reused.append(f"tp-{key[1]}-s{key[2]}")
-            if "refused" in results[key]:
+            if "refused" in results[key] and key[2] == seeds[0]:
                 refused.append(f"{key[0]} {key[1]}: {results[key]['refused']}")
             log(f"  {' '.join(map(str, key))}: {results[key]['seconds']:.0f} s")
 
@@ -329,6 +327,8 @@ def embedded_rows(
     out: list[Row] = []
     for strategy in STRATEGIES:
         for variant in variants_of(strategy):
+            if any("refused" in results[strategy, variant, seed] for seed in seeds):
+                continue  # listed under "Refused"
             model = load_pruned(_folder(root, strategy, variant, seeds[0]) / "model").eval()
             acc = {seed: results[strategy, variant, seed] for seed in seeds}
             if variant == math_source(strategy):
@@ -347,7 +347,7 @@ def embedded_rows(
 
 
 # --------------------------------------------------------------------------- deit_tiny at 224
-def deit_rows(log: Any, cache: Path) -> tuple[nn.Module, tuple[int, ...], list[Row]]:
+def deit_rows(log: Any, cache: Path, refused: list[str]) -> tuple[nn.Module, tuple[int, ...], list[Row]]:
     """deit_tiny pruned by each strategy and variant; latency tables measured once per batch size
     in this run (``cache``, emptied first, is shared by the strategies)."""
     import shutil
@@ -392,7 +392,11 @@ def deit_rows(log: Any, cache: Path) -> tuple[nn.Module, tuple[int, ...], list[R
                     **DEIT_LATENCY,
                 )
             strategy_obj = make_strategy(strategy, cfg.strategy_options)
-            selection, _ = validate_result(strategy, ctx, strategy_obj.search(ctx))
+            try:
+                selection, _ = validate_result(strategy, ctx, strategy_obj.search(ctx))
+            except BudgetError as exc:  # the budget is below what the variant's space can reach
+                refused.append(f"{strategy} {variant}: {exc}")
+                continue
             if ctx.latency is not None:
                 predicted = ctx.latency.predict(space, selection.architecture()) / ctx.latency.dense_ms
                 latency = {
@@ -560,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         text += [f"- {line}" for line in refused] + [""]
     if not args.skip_deit:
         log("deit_tiny: pruning")
-        d_dense, d_size, d_rows = deit_rows(log, Path(args.root) / "deit_latency_tables")
+        d_refused: list[str] = []
+        d_dense, d_size, d_rows = deit_rows(log, Path(args.root) / "deit_latency_tables", d_refused)
         log("deit_tiny: timing")
         text += table(
             "deit_tiny_patch16_224 at 224x224 (random weights), 50% MACs",
@@ -572,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
             None,
         )
         text += architectures(d_rows)
+        if d_refused:
+            text += ["Refused (the search's own message):", ""]
+            text += [f"- {line}" for line in d_refused] + [""]
     minutes = (time.perf_counter() - t_start) / 60
     load_after = os.getloadavg()
     cmd = "python benchmarks/bench_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:])

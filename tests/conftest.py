@@ -12,10 +12,6 @@ def pytest_configure(config: pytest.Config) -> None:
     # thread each); the controlling process of `-n 2` runs no test and does not pay for the import
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not worker and getattr(config.option, "numprocesses", None):
-        if getattr(config.option, "maxschedchunk", 0) is None:
-            # hand tests out one at a time (two pending per worker) instead of in chunks of an eighth
-            # of the suite: with the slow tests first, each worker takes the next one when it is free
-            config.option.maxschedchunk = 1
         return
     import torch
 

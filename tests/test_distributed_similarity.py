@@ -29,6 +29,7 @@ from nas_headprune.strategy import validate_result
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("distributed_similarity"),  # its module fixtures are built once
     pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed"),
 ]
 

@@ -26,6 +26,9 @@ from nas_headprune.models.flatten import (  # noqa: E402
     load_official_checkpoint,
 )
 
+# its module fixtures are built once: the whole module runs on one worker under -n 2
+pytestmark = pytest.mark.xdist_group("flatten_models")
+
 
 def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
     """Every parameter random (biases, positional encoding, scale and DWC bias included)."""

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 # one fresh interpreter imports the package and its plugins (about 9 s): started early under -n 2
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("lean_import")]
 
 _STEPS = """
 import json, sys

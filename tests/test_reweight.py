@@ -29,6 +29,10 @@ from nas_headprune.space import build_space
 log = logging.getLogger(__name__)
 
 
+# its module fixtures are built once: the whole module runs on one worker under -n 2
+pytestmark = pytest.mark.xdist_group("reweight")
+
+
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1)  # (1797, 1, 8, 8), values 0..16
