@@ -65,11 +65,16 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
     The arrays are read-only and kept for the process's life, keyed by the file's path, size and
     modification time: an ablation runs many trials in one process, and each would otherwise
     decompress the same 30 MB again."""
+    return _read_idx_cached(*_idx_key(path, expected_magic))
+
+
+def _idx_key(path: Path, expected_magic: int) -> tuple[str, int, int, int]:
+    """What the decoded file is kept under: its resolved path, size, modification time and magic."""
     try:
         stat = path.stat()
     except OSError as exc:
         raise DataNotFoundError(f"cannot read IDX file {path}: {exc}; delete it and fetch it again") from exc
-    return _read_idx_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected_magic)
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected_magic
 
 
 def _normalised(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,11 +83,9 @@ def _normalised(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, tor
     Kept for the process's life like the arrays they come from (keyed by both files' path, size and
     modification time): the tensors are shared by every load in the process, and nothing in the
     project writes into them (subsets and batches are copies)."""
-    keys = []
-    for path, magic in ((images_path, _IDX_IMAGES_MAGIC), (labels_path, _IDX_LABELS_MAGIC)):
-        stat = path.stat()
-        keys.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns, magic))
-    return _normalised_cached(keys[0], keys[1])
+    return _normalised_cached(
+        _idx_key(images_path, _IDX_IMAGES_MAGIC), _idx_key(labels_path, _IDX_LABELS_MAGIC)
+    )
 
 
 @functools.lru_cache(maxsize=2)
