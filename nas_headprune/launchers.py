@@ -340,12 +340,17 @@ class LaunchOutcome:
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
-def wait_for(sub: Submission, *, progress: bool = True, poll_s: float = 2.0) -> LaunchOutcome:
+def wait_for(
+    sub: Submission, *, progress: bool = True, poll_s: float = 2.0, first_poll_s: float = 0.25
+) -> LaunchOutcome:
     """Wait until every job of ``sub`` has ended; a task that died without a result is recorded as failed.
 
-    A KeyboardInterrupt stops the waiting, never the jobs."""
+    The jobs are polled after ``first_poll_s``, then at twice the previous interval up to ``poll_s``,
+    so short trials are reported soon and long ones cost the scheduler little. A KeyboardInterrupt
+    stops the waiting, never the jobs."""
     outcome = LaunchOutcome()
     pending = list(sub.jobs)
+    interval = min(first_poll_s, poll_s)
     with progress_bar(progress, sub.total, sub.skipped) as advance:
         while pending:
             running = []
@@ -363,7 +368,8 @@ def wait_for(sub: Submission, *, progress: bool = True, poll_s: float = 2.0) -> 
                 advance(tj.trial.trial_id)
             pending = running
             if pending:
-                time.sleep(poll_s)
+                time.sleep(interval)
+                interval = min(2 * interval, poll_s)
     return outcome
 
 

@@ -15,6 +15,7 @@ import yaml
 from test_ablate import TINY_SET, write_spec
 
 from nas_headprune import launchers
+from nas_headprune.ablation.trials import Trial
 from nas_headprune.cli import main
 from nas_headprune.store import load_rows
 
@@ -123,6 +124,35 @@ def test_a_bad_launcher_setting_is_refused_before_anything_is_submitted(
     err = capsys.readouterr().err
     assert field in err and "Traceback" not in err
     assert not (tmp_path / "ab").exists()
+
+
+class _FakeJob:
+    """A finished-after-``polls`` job: ``done()`` answers False that many times."""
+
+    def __init__(self, job_id: str, polls: int, status: str = "done") -> None:
+        self.job_id, self.polls, self.status = job_id, polls, status
+
+    def done(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+    def result(self) -> dict[str, str]:
+        return {"status": self.status, "error": "boom"}
+
+
+def test_waiting_polls_soon_then_backs_off_to_the_interval(tmp_path, monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(launchers.time, "sleep", slept.append)
+    jobs = []
+    for i, (polls, status) in enumerate([(1, "done"), (6, "failed")]):
+        trial = Trial(f"t{i}", "magnitude", 0.5, 0, "base", (), "default")
+        job = _FakeJob(str(i), polls, status)
+        jobs.append(launchers.TrackedJob(trial, job))
+    sub = launchers.Submission(tmp_path, "local", tmp_path, total=2, skipped=0, jobs=jobs)
+    outcome = launchers.wait_for(sub, progress=False, poll_s=2.0, first_poll_s=0.25)
+    assert (outcome.done, outcome.failed) == (1, 1)
+    assert outcome.failures == [("t1", "boom")]
+    assert slept == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]  # one sleep per poll that left a job running
 
 
 def test_missing_submitit_is_a_usage_error_that_names_the_extra(tmp_path, capsys, monkeypatch):

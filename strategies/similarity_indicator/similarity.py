@@ -115,7 +115,7 @@ def channel_grams(
             if d.label not in tokens:  # width 1
                 return
             heads, width = _gram_shape(space, d.label)
-            channels = (width,) if layer.kind == "mlp" else (heads, width)
+            channels = space.shape(d.label)  # (H, d) per head, (m,) for an MLP's hidden units
             if tuple(z.shape[-len(channels) :]) != channels:
                 raise ArchitectureError(
                     f"{d.label}: the {layer.adapter.name} adapter handed over activations of shape "
