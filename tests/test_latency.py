@@ -178,11 +178,26 @@ def test_refinement_corrects_a_table_that_overpredicts_the_savings(monkeypatch) 
     assert result == "result" and rounds[0]["predicted_fraction"] <= 0.7 + 1e-9
     assert rounds[0]["measured_fraction"] > 0.7 * 1.03  # off by more than the tolerance
     # one refit makes the table exact here (the true latency is linear in the layers' times)
-    assert len(rounds) == 2 and record["chosen"] == 1
+    assert len(rounds) == 2 and record["chosen"] == 1 and record["stopped"] == "within_tolerance"
+    assert "stop_reason" not in record
     assert rounds[1]["measured_fraction"] == pytest.approx(0.7, rel=0.03)
     assert rounds[1]["scale"] == pytest.approx(0.5 * table.scale)
     assert run.latency.scale == rounds[1]["scale"] and record["table"] == run.latency.to_dict()
     assert run.latency.predict(run.space, selection.architecture()) <= 0.7 * 20.0 * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    "rounds, true_saving, stopped",
+    [(0, 0.5, "rounds_spent"), (3, 0.0, "refit_failed")],  # no measured saving fixes no line
+)
+def test_refinement_says_why_it_stopped(monkeypatch, rounds, true_saving, stopped) -> None:
+    from nas_headprune.pipeline.latency import refine_search, refinement_summary
+
+    run, ctx, search, _ = _refine_setup(monkeypatch, budget=0.7, true_saving=true_saving, rounds=rounds)
+    _, _, record = refine_search(run, ctx, search)
+    assert len(record["rounds"]) == 1 and record["stopped"] == stopped
+    assert ("stop_reason" in record) == (stopped == "refit_failed")
+    assert refinement_summary(record) == {k: v for k, v in record.items() if k != "table"} != record
 
 
 def test_refinement_keeps_the_round_measured_closest_when_a_refit_cannot_reach_the_budget(
@@ -195,6 +210,7 @@ def test_refinement_keeps_the_round_measured_closest_when_a_refit_cannot_reach_t
     with caplog.at_level(logging.WARNING, logger="nas_headprune.pipeline.latency"):
         _, _, record = refine_search(run, ctx, search)
     assert len(record["rounds"]) == 1 and record["chosen"] == 0 and "refinement stops" in caplog.text
+    assert record["stopped"] == "budget_unreachable" and record["stop_reason"] in caplog.text
     assert run.latency is table
 
 
@@ -331,7 +347,13 @@ def test_latency_budget_run_records_predicted_and_measured_latency(tmp_path, cap
     refinement = json.loads((run / "search.json").read_text())["latency_refinement"]
     table = LatencyTable.from_dict(refinement["table"])
     rounds, chosen = refinement["rounds"], refinement["chosen"]
-    assert record["refinement"] == {"rounds": rounds, "chosen": chosen}
+    assert record["refinement"] == {k: v for k, v in refinement.items() if k != "table"}
+    assert record["refinement"]["stopped"] in (
+        "within_tolerance",
+        "rounds_spent",
+        "budget_unreachable",
+        "refit_failed",
+    )
     assert 1 <= len(rounds) <= 4 and [r["round"] for r in rounds] == list(range(len(rounds)))
     assert (rounds[0]["scale"], rounds[0]["fixed_ms"]) == (measured_table.scale, measured_table.fixed_ms)
     assert (rounds[chosen]["scale"], rounds[chosen]["fixed_ms"]) == (table.scale, table.fixed_ms)
@@ -360,7 +382,7 @@ def test_latency_run_resumes_from_its_own_table_and_refuses_other_settings(tmp_p
     assert main(_latency_args(tmp_path)) == 0
     assert not (tmp_path / "cache").exists()
     again = json.loads((run / "result.json").read_text())["latency"]
-    assert again["refinement"] == {"rounds": first["rounds"], "chosen": first["chosen"]}
+    assert again["refinement"] == {k: v for k, v in first.items() if k != "table"}
     assert again["predicted_fraction"] == pytest.approx(
         first["rounds"][first["chosen"]]["predicted_fraction"]
     )

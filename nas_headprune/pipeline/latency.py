@@ -98,8 +98,10 @@ def refine_search(run: RunState, ctx: Any, search: Callable[[Any], tuple[Any, An
 
     ``search(ctx)`` runs the strategy and validates its result: ``(result, selection)``. Returns the
     result and selection of the round measured closest to the budget, and the refinement's record
-    (every round's table calibration, prediction and measurement; the chosen round; its table, which
-    becomes ``run.latency`` so the evaluate stage predicts with the table the selection was made on).
+    (every round's table calibration, prediction and measurement; the chosen round; why it stopped:
+    ``within_tolerance``, ``rounds_spent``, or ``budget_unreachable`` / ``refit_failed`` with the
+    reason in ``stop_reason``; the chosen round's table, which becomes ``run.latency`` so the evaluate
+    stage predicts with the table the selection was made on).
     """
     from dataclasses import replace
 
@@ -110,13 +112,15 @@ def refine_search(run: RunState, ctx: Any, search: Callable[[Any], tuple[Any, An
     table = ctx.latency
     rounds: list[dict[str, Any]] = []
     best: tuple[float, Any, Any, Any, int] | None = None
+    stopped, reason = "rounds_spent", ""
     for index in range(lat.refine_rounds + 1):
         try:
             result, selection = search(replace(ctx, latency=table))
         except BudgetError as exc:
             if best is None:
                 raise
-            log.warning("latency refinement stops after round %d: the refitted table %s", index - 1, exc)
+            stopped, reason = "budget_unreachable", f"the refitted table {exc}"
+            log.warning("latency refinement stops after round %d: %s", index - 1, reason)
             break
         arch = selection.architecture()
         predicted = table.predict(run.space, arch) / table.dense_ms
@@ -141,19 +145,27 @@ def refine_search(run: RunState, ctx: Any, search: Callable[[Any], tuple[Any, An
         off = abs(fraction / budget - 1.0)
         if best is None or off < best[0]:
             best = (off, result, selection, table, index)
-        if off <= lat.refine_tolerance or index == lat.refine_rounds:
+        if off <= lat.refine_tolerance:
+            stopped = "within_tolerance"
+            break
+        if index == lat.refine_rounds:
             break
         refit = table.refitted(run.space, arch, fraction)
         if refit is None:
-            log.warning(
-                "latency refinement stops after round %d: the measurement cannot refit the table", index
-            )
+            stopped, reason = "refit_failed", "the measurement cannot refit the table"
+            log.warning("latency refinement stops after round %d: %s", index, reason)
             break
         table = refit
     assert best is not None
     _, result, selection, table, chosen = best
     run.latency = table
-    return result, selection, {"rounds": rounds, "chosen": chosen, "table": table.to_dict()}
+    record = {"rounds": rounds, "chosen": chosen, "stopped": stopped, "table": table.to_dict()}
+    return result, selection, {**record, "stop_reason": reason} if reason else record
+
+
+def refinement_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What result.json reports of a refinement record: everything but the table."""
+    return {k: v for k, v in record.items() if k != "table"}
 
 
 def latency_check(run: RunState, pruned: torch.nn.Module, arch: Any) -> dict[str, Any]:

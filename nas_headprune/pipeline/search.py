@@ -13,7 +13,7 @@ import torch
 from nas_headprune.checkpoint import fingerprint
 from nas_headprune.errors import CheckpointError, StrategyError
 from nas_headprune.jsonlog import finite_json
-from nas_headprune.pipeline.latency import refine_search, run_latency_table
+from nas_headprune.pipeline.latency import refine_search, refinement_summary, run_latency_table
 from nas_headprune.pipeline.state import RunState
 from nas_headprune.runfolder import read_json, read_tensors
 
@@ -71,7 +71,7 @@ def stage_search(run: RunState, done: bool) -> Searched:
             if "latency_refinement" in saved:  # the table the selection was made on
                 refined = saved["latency_refinement"]
                 run.latency = LatencyTable.from_dict(refined["table"])
-                run.latency_rounds = {k: refined[k] for k in ("rounds", "chosen")}
+                run.latency_rounds = refinement_summary(refined)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(
                 f"{search_file} is damaged or was edited ({type(exc).__name__}: {exc}); rerun with --restart"
@@ -106,7 +106,7 @@ def stage_search(run: RunState, done: bool) -> Searched:
     refinement: dict[str, Any] | None = None
     if cfg.budget_kind == "latency" and cfg.latency.refine_rounds:
         result, selection, refinement = refine_search(run, ctx, search)
-        run.latency_rounds = {k: refinement[k] for k in ("rounds", "chosen")}
+        run.latency_rounds = refinement_summary(refinement)
     else:
         result, selection = search(ctx)
     run.timings["search_s"] = time.perf_counter() - t0
