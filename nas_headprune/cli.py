@@ -228,6 +228,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from nas_headprune.config import load_evaluate_config
 
     root = Path(args.dir)
+    if not root.is_dir():
+        raise UsageError(
+            f"{root} is not a directory (expected the run folder of `nas-headprune search` or a saved "
+            "pruned model)"
+        )
     model_dir = root / "model" if (root / "model" / "pruned.json").is_file() else root
     cfg = load_evaluate_config(root / "config.resolved.yaml", args.overrides)  # before torch loads
 

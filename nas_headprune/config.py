@@ -286,6 +286,10 @@ def _read_text(path: Path, what: str) -> str:
         raise ConfigError(f"{what} file {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def read_yaml(source: str, subdir: str = "", what: str = "config") -> dict[str, Any]:
     """A YAML file path or a preset name from ``nas_headprune.configs`` (``/subdir``); ``yaml.safe_load``
     only. ``what`` names the kind of file in error messages."""
@@ -299,7 +303,8 @@ def read_yaml(source: str, subdir: str = "", what: str = "config") -> dict[str, 
         candidate = (folder / subdir if subdir else folder) / f"{source}.yaml"
         if not candidate.is_file():
             raise ConfigError(
-                f"{source!r} is neither a {what} file nor a preset; presets: {', '.join(preset_names(subdir))}"
+                f"{source!r} is neither {_article(what)} {what} file nor a preset; presets: "
+                f"{', '.join(preset_names(subdir))}"
             )
         text = candidate.read_text()
     try:

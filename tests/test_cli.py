@@ -105,6 +105,9 @@ def test_bad_config_file_exits_2(tmp_path, capsys) -> None:
     assert "not valid YAML" in _error(capsys)
     assert main(["search", "--config", "no_such_preset"]) == 2
     assert "neither a config file nor a preset" in _error(capsys)
+    assert main(["ablate", "no_such_preset"]) == 2
+    err = _error(capsys)
+    assert "neither an ablation file nor a preset" in err and "fmnist_baselines" in err
 
 
 def test_strategies_and_config_commands(capsys) -> None:

@@ -299,6 +299,14 @@ def test_evaluate_rejects_what_it_does_not_use(finished, capsys) -> None:
     assert "data.test_subset" in _err(capsys)
 
 
+def test_evaluate_names_a_folder_that_is_not_there(tmp_path, capsys) -> None:
+    assert main(["evaluate", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'} is not a directory" in _err(capsys)
+    (tmp_path / "empty").mkdir()  # a folder without a model: a damaged or wrong folder, a runtime error
+    assert main(["evaluate", str(tmp_path / "empty")]) == 1
+    assert "is not a saved pruned model: pruned.json is missing" in _err(capsys)
+
+
 def test_config_error_does_not_import_torch(tmp_path) -> None:
     code = (
         "import sys\nfrom nas_headprune.cli import main\n"
