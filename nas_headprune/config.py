@@ -352,6 +352,11 @@ def load_config(
     image size, a few steps) that ``quick=True`` (``search --quick``) applies before ``overrides``.
     """
     data: dict[str, Any] = read_yaml(source) if source else {}
+    if "train" in data:
+        raise ConfigError(
+            f"{source!r} is a training config (it has a 'train' section); run it with "
+            f"`nas-headprune train --config {source} --out DIR`"
+        )
     shortcut = data.pop(QUICK, None)
     if quick:
         if not isinstance(shortcut, dict):
@@ -379,6 +384,11 @@ class TrainConfig(Section):
 
 def load_train_config(source: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     data: dict[str, Any] = read_yaml(source) if source else {}
+    if source and "train" not in data and data.keys() & {"strategy", "budget", "finetune", "reweight"}:
+        raise ConfigError(
+            f"{source!r} is a search config (it has no 'train' section); run it with "
+            f"`nas-headprune search --config {source}`"
+        )
     for item in overrides or []:
         apply_override(data, item)
     try:

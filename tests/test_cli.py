@@ -105,6 +105,11 @@ def test_bad_config_file_exits_2(tmp_path, capsys) -> None:
     assert "not valid YAML" in _error(capsys)
     assert main(["search", "--config", "no_such_preset"]) == 2
     assert "neither a config file nor a preset" in _error(capsys)
+    assert main(["search", "--config", "train_vit_fmnist"]) == 2
+    assert "is a training config" in (err := _error(capsys)) and "nas-headprune train --config" in err
+    assert main(["train", "--config", "default", "--out", str(tmp_path / "t")]) == 2
+    assert "is a search config" in (err := _error(capsys)) and "nas-headprune search --config" in err
+    assert not (tmp_path / "t").exists()
     assert main(["ablate", "no_such_preset"]) == 2
     err = _error(capsys)
     assert "neither an ablation file nor a preset" in err and "fmnist_baselines" in err
