@@ -198,6 +198,8 @@ def test_refinement_says_why_it_stopped(monkeypatch, rounds, true_saving, stoppe
     assert len(record["rounds"]) == 1 and record["stopped"] == stopped
     assert ("stop_reason" in record) == (stopped == "refit_failed")
     assert refinement_summary(record) == {k: v for k, v in record.items() if k != "table"} != record
+    with pytest.raises(KeyError, match="chosen"):  # a damaged search.json's record
+        refinement_summary({k: v for k, v in record.items() if k != "chosen"})
 
 
 def test_refinement_keeps_the_round_measured_closest_when_a_refit_cannot_reach_the_budget(

@@ -164,7 +164,11 @@ def refine_search(run: RunState, ctx: Any, search: Callable[[Any], tuple[Any, An
 
 
 def refinement_summary(record: dict[str, Any]) -> dict[str, Any]:
-    """What result.json reports of a refinement record: everything but the table."""
+    """What result.json reports of a refinement record: everything but the table. A record without
+    its rounds or chosen round raises KeyError (a damaged search.json, to the caller)."""
+    missing = {"rounds", "chosen"} - record.keys()
+    if missing:
+        raise KeyError(", ".join(sorted(missing)))
     return {k: v for k, v in record.items() if k != "table"}
 
 
