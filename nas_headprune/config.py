@@ -343,6 +343,18 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 QUICK = "quick"
 
 
+def _refuse_other_kind(
+    source: str | None, data: dict[str, Any], model: type[Section], other: type[Section], kind: str, run: str
+) -> None:
+    """Name the command a config file belongs to when it holds sections only ``other`` has and none
+    only ``model`` has (``kind``: what such a config is; ``run``: the command that runs it)."""
+    own = set(model.model_fields) - set(other.model_fields)
+    theirs = data.keys() & (set(other.model_fields) - set(model.model_fields))
+    if source and theirs and not data.keys() & own:
+        found = ", ".join(map(repr, sorted(theirs)))
+        raise ConfigError(f"{source!r} is {kind} (it has {found}); run it with `{run}`")
+
+
 def load_config(
     source: str | None = None, overrides: list[str] | None = None, *, quick: bool = False
 ) -> RunConfig:
@@ -352,11 +364,14 @@ def load_config(
     image size, a few steps) that ``quick=True`` (``search --quick``) applies before ``overrides``.
     """
     data: dict[str, Any] = read_yaml(source) if source else {}
-    if "train" in data:
-        raise ConfigError(
-            f"{source!r} is a training config (it has a 'train' section); run it with "
-            f"`nas-headprune train --config {source} --out DIR`"
-        )
+    _refuse_other_kind(
+        source,
+        data,
+        RunConfig,
+        TrainConfig,
+        "a training config",
+        f"nas-headprune train --config {source} --out DIR",
+    )
     shortcut = data.pop(QUICK, None)
     if quick:
         if not isinstance(shortcut, dict):
@@ -384,11 +399,14 @@ class TrainConfig(Section):
 
 def load_train_config(source: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     data: dict[str, Any] = read_yaml(source) if source else {}
-    if source and "train" not in data and data.keys() & {"strategy", "budget", "finetune", "reweight"}:
-        raise ConfigError(
-            f"{source!r} is a search config (it has no 'train' section); run it with "
-            f"`nas-headprune search --config {source}`"
-        )
+    _refuse_other_kind(
+        source,
+        data,
+        TrainConfig,
+        RunConfig,
+        "a search config",
+        f"nas-headprune search --config {source}",
+    )
     for item in overrides or []:
         apply_override(data, item)
     try:
